@@ -1,0 +1,144 @@
+"""`rayrl <verb>`: models, train, study, fit, plan, eval, report."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from rayrl.config import ConfigError, load_config
+
+
+def _init_ray(num_cpus: int | None = None) -> None:
+    """Join a running cluster when there is one (ray job submit, KubeRay), else start locally."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=False)
+    else:
+        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False)
+
+
+def cmd_models(args: argparse.Namespace) -> None:
+    from rayrl.models.ladder import build_ladder, format_table
+
+    cfg = load_config(args.config)
+    print(format_table(build_ladder(cfg, progress=True)))
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from rayrl.trainer import RunSpec, train
+
+    cfg = load_config(args.config)
+    # Default: the middle model of the study grid.
+    model = args.model or (
+        cfg.study.models[len(cfg.study.models) // 2] if cfg.study.models else None
+    )
+    if model is None:
+        raise ConfigError(f"{args.config}: pass --model NAME or list models under study.models")
+    if not Path(model).exists():
+        cfg.model(model)  # an unknown ladder name fails here, before any actor starts
+    spec = RunSpec(
+        model=model,
+        rollout_n=args.rollout_n or cfg.grpo.rollout_n,
+        reuse_factor=args.reuse_factor or cfg.grpo.reuse_factor,
+        seed=cfg.grpo.seed if args.seed is None else args.seed,
+    )
+    _init_ray(args.num_cpus)
+    run_dir = Path(args.out) if args.out else None
+    out = train(cfg, spec, run_dir, resume=args.resume)
+    print(f"run written to {out}")
+
+
+def cmd_study(args: argparse.Namespace) -> None:
+    from rayrl.study import run_study
+
+    cfg = load_config(args.config)
+    _init_ray(args.num_cpus)
+    out = run_study(cfg, scheduler=not args.no_scheduler, out_dir=args.out)
+    print(f"study written to {out}")
+
+
+def cmd_fit(args: argparse.Namespace) -> None:
+    from rayrl.scaling.commands import fit_command
+
+    fit_command(
+        args.metrics, x=args.x, protocol=args.protocol, fit_fraction=args.fit_fraction, out=args.out
+    )
+    print(f"fit written to {args.out}")
+
+
+def cmd_plan(args: argparse.Namespace) -> None:
+    from rayrl.scaling.commands import plan_command
+
+    print(plan_command(args.fit, compute_budget=args.compute_budget, data_budget=args.data_budget))
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from rayrl.report import write_report
+
+    print(f"report written to {write_report(Path(args.study_dir))}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="rayrl", description=__doc__)
+    sub = p.add_subparsers(dest="verb", required=True)
+
+    m = sub.add_parser("models", help="the tiny model ladder")
+    msub = m.add_subparsers(dest="action", required=True)
+    b = msub.add_parser(
+        "build", help="build (or reuse the cache of) the ladder and print its table"
+    )
+    b.add_argument("config")
+    b.set_defaults(func=cmd_models)
+
+    t = sub.add_parser("train", help="one GRPO run")
+    t.add_argument("config")
+    t.add_argument("--model", help="ladder model name or model directory")
+    t.add_argument("--rollout-n", type=int)
+    t.add_argument("--reuse-factor", type=int)
+    t.add_argument("--seed", type=int)
+    t.add_argument("--out", help="run directory (default: OUTPUT_DIR/RUN_ID)")
+    t.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    t.add_argument("--num-cpus", type=int)
+    t.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("study", help="the Tune search over model size x rollout n x reuse factor")
+    s.add_argument("config")
+    s.add_argument("--out", help="study directory (default: OUTPUT_DIR)")
+    s.add_argument("--no-scheduler", action="store_true", help="run every trial to the end")
+    s.add_argument("--num-cpus", type=int)
+    s.set_defaults(func=cmd_study)
+
+    f = sub.add_parser("fit", help="fit the scaling laws to a metrics table")
+    f.add_argument("metrics", help="metrics.parquet or .csv")
+    f.add_argument("--x", choices=["compute", "data"], default="compute")
+    f.add_argument("--protocol", choices=["intra", "inter"])
+    f.add_argument("--fit-fraction", type=float, default=0.25)
+    f.add_argument("--out", default="fit.json")
+    f.set_defaults(func=cmd_fit)
+
+    pl = sub.add_parser("plan", help="the planner's answer for a budget")
+    pl.add_argument("fit", help="fit.json")
+    pl.add_argument("--compute-budget", type=float)
+    pl.add_argument("--data-budget", type=float)
+    pl.set_defaults(func=cmd_plan)
+
+    r = sub.add_parser("report", help="(re)write a study's report")
+    r.add_argument("study_dir")
+    r.set_defaults(func=cmd_report)
+
+    args = p.parse_args(argv)
+    try:
+        args.func(args)
+    except (ConfigError, FileExistsError, FileNotFoundError, ValueError) as e:
+        print(f"rayrl: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,346 @@
+"""One typed config for every rayrl verb.
+
+YAML files in configs/ map one-to-one onto these dataclasses. Defaults hold the
+paper's GRPO values (Tan et al., appendix A.2). Validation runs before any actor
+starts; errors name the file, the key and what was expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be used: names the file, the key and what was expected."""
+
+
+@dataclass
+class ModelSpec:
+    """One model of a study. Without `path` it is a tiny ladder model that rayrl builds
+    (Qwen2 architecture, members differ only in width and depth); with `path` it is an
+    existing HF model directory, e.g. Qwen2.5-7B on a cluster's shared storage."""
+
+    name: str
+    hidden: int = 0
+    layers: int = 0
+    path: str = ""
+    family: str = "base"
+    heads: int = 4
+    kv_heads: int = 2
+    intermediate: int = 0  # 0 means 4 * hidden
+    tie_embeddings: bool = False
+
+
+@dataclass
+class LadderConfig:
+    """The embedded tiny model ladder and its base pre-training."""
+
+    models: list[ModelSpec] = field(default_factory=list)
+    # Equal tokens per parameter, not equal wall time (DESIGN.md, measured hints).
+    pretrain_tokens_per_param: float = 400.0
+    pretrain_min_steps: int = 300
+    pretrain_batch: int = 64
+    pretrain_lr: float = 3e-3
+    eval_problems: int = 200
+    seed: int = 0
+    dir: str = "~/.cache/rayrl/ladder"
+
+
+@dataclass
+class DataConfig:
+    """Where prompts come from: the synthetic task or guru-format parquet."""
+
+    source: Literal["synthetic", "guru"] = "synthetic"
+    train_path: str = ""  # guru: a parquet file or a `datasets` name
+    test_path: str = ""  # guru: the held-out file
+    eval_paths: list[str] = field(default_factory=list)
+    test_size: int = 500
+    train_size: int = 20000
+    eval_size: int = 200  # synthetic: problems per evaluation variant
+    max_digits: int = 3  # synthetic difficulty knob
+    seed: int = 0
+
+
+@dataclass
+class GRPOConfig:
+    """GRPO hyperparameters; defaults are the paper's (appendix A.2)."""
+
+    lr: float = 1e-6
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    kl_coef: float = 0.001
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    loss_agg: Literal["token-mean", "seq-mean"] = "token-mean"
+    adv_eps: float = 1e-6
+    prompts_per_step: int = 64
+    rollout_n: int = 8
+    temperature: float = 1.0
+    eval_temperature: float = 0.7
+    max_prompt_tokens: int = 2048
+    max_new_tokens: int = 4096
+    micro_batch: int = 32  # samples per learner forward/backward
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    data_budget: int = 51200  # D_total: training samples (prompts) over the run, repeats included
+    reuse_factor: int = 1  # tau
+    eval_every: int = 10
+    eval_samples: int = 4  # samples per held-out problem for pass@1
+    checkpoint_every: int = 10
+    seed: int = 0
+
+
+@dataclass
+class ResourcesConfig:
+    """Device and actor pools; GPU is a switch on the same code path."""
+
+    device: Literal["cpu", "gpu"] = "cpu"
+    rollout_workers: int = 1
+    tensor_parallel: int = 1
+    learners: int = 1
+    reward_workers: int = 1
+    zero_stage: int = 2
+    cpus_per_actor: float = 1.0
+    vllm_kv_cache_gib: float = 1.0
+    vllm_dtype: str = "float32"
+
+
+@dataclass
+class StudyConfig:
+    """The Tune search space and scheduling."""
+
+    name: str = "study"
+    models: list[str] = field(default_factory=list)
+    rollout_n: list[int] = field(default_factory=lambda: [8])
+    reuse_factor: list[int] = field(default_factory=lambda: [1])
+    family: list[str] = field(default_factory=lambda: ["base"])
+    seeds: list[int] = field(default_factory=lambda: [0])
+    max_concurrent: int = 1
+    scheduler: bool = True
+    scheduler_grace_fraction: float = 0.25
+    x: Literal["compute", "data"] = "compute"
+
+
+@dataclass
+class Config:
+    ladder: LadderConfig = field(default_factory=LadderConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    study: StudyConfig = field(default_factory=StudyConfig)
+    output_dir: str = "runs"
+    source: str = field(default="", metadata={"internal": True})  # the YAML file, for errors
+
+    def model(self, name: str, family: str | None = None) -> ModelSpec:
+        for spec in self.ladder.models:
+            if spec.name == name and family in (None, spec.family):
+                return spec
+        known = ", ".join(f"{m.name} ({m.family})" for m in self.ladder.models) or "none"
+        raise ConfigError(
+            f"{self.source or '<config>'}: no model named {name!r}"
+            f"{f' in family {family!r}' if family else ''} under ladder.models (known: {known})"
+        )
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Config:
+    """Read a YAML config, apply dotted-key overrides, and validate it."""
+    path = Path(path)
+    where = str(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{where}: file not found") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping at the top level, got {type(raw).__name__}")
+    for key, value in (overrides or {}).items():
+        node = raw
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    cfg = from_dict(Config, raw, where, "")
+    cfg.source = where
+    validate(cfg)
+    return cfg
+
+
+def from_dict(cls: type, raw: Any, where: str, prefix: str) -> Any:
+    """Build dataclass `cls` from `raw`, rejecting unknown keys and wrong types."""
+    if not isinstance(raw, dict):
+        raise ConfigError(
+            f"{where}: key '{prefix.rstrip('.') or '<top>'}' expected a mapping, got {raw!r}"
+        )
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        key = f"{prefix}{unknown[0]}"
+        raise ConfigError(f"{where}: unknown key '{key}' (expected one of: {', '.join(fields)})")
+    kwargs = {name: _coerce(hints[name], raw[name], where, f"{prefix}{name}") for name in raw}
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, where: str, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, where, key + ".")
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: key '{key}' expected a list, got {value!r}")
+        return [_coerce(item, v, where, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(
+                f"{where}: key '{key}' expected one of {list(choices)}, got {value!r}"
+            )
+        return value
+    if origin in (typing.Union, types.UnionType):
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):
+        try:  # YAML reads 1e-6 as a string
+            return float(value)
+        except ValueError:
+            pass
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise ConfigError(f"{where}: key '{key}' expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def validate(cfg: Config) -> None:
+    """Check values that are well-typed but impossible."""
+    where = cfg.source or "<config>"
+
+    def need(ok: bool, key: str, expected: str, got: Any) -> None:
+        if not ok:
+            raise ConfigError(f"{where}: key '{key}' expected {expected}, got {got!r}")
+
+    g = cfg.grpo
+    need(g.rollout_n >= 2, "grpo.rollout_n", "at least 2 (GRPO needs a group)", g.rollout_n)
+    need(0 <= g.clip_low < 1, "grpo.clip_low", "a value in [0, 1)", g.clip_low)
+    need(g.clip_high >= 0, "grpo.clip_high", "a non-negative value", g.clip_high)
+    need(g.kl_coef >= 0, "grpo.kl_coef", "a non-negative value", g.kl_coef)
+    need(g.lr > 0, "grpo.lr", "a positive learning rate", g.lr)
+    need(g.temperature > 0, "grpo.temperature", "a positive temperature", g.temperature)
+    need(
+        g.eval_temperature > 0,
+        "grpo.eval_temperature",
+        "a positive temperature",
+        g.eval_temperature,
+    )
+    for name in (
+        "prompts_per_step",
+        "max_new_tokens",
+        "max_prompt_tokens",
+        "micro_batch",
+        "data_budget",
+        "eval_every",
+        "eval_samples",
+        "checkpoint_every",
+    ):
+        need(getattr(g, name) > 0, f"grpo.{name}", "a positive integer", getattr(g, name))
+    need(g.reuse_factor >= 1, "grpo.reuse_factor", "an integer >= 1", g.reuse_factor)
+    need(
+        g.data_budget % g.reuse_factor == 0,
+        "grpo.reuse_factor",
+        f"a divisor of grpo.data_budget={g.data_budget}",
+        g.reuse_factor,
+    )
+    for tau in cfg.study.reuse_factor:
+        need(
+            tau >= 1 and g.data_budget % tau == 0,
+            "study.reuse_factor",
+            f"divisors of grpo.data_budget={g.data_budget}",
+            tau,
+        )
+    for n in cfg.study.rollout_n:
+        need(n >= 2, "study.rollout_n", "group sizes of at least 2", n)
+
+    r = cfg.resources
+    for name in ("rollout_workers", "tensor_parallel", "learners", "reward_workers"):
+        need(getattr(r, name) >= 1, f"resources.{name}", "an integer >= 1", getattr(r, name))
+    need(r.zero_stage in (0, 1, 2, 3), "resources.zero_stage", "0, 1, 2 or 3", r.zero_stage)
+    need(
+        r.vllm_kv_cache_gib > 0,
+        "resources.vllm_kv_cache_gib",
+        "a positive size",
+        r.vllm_kv_cache_gib,
+    )
+
+    d = cfg.data
+    need(d.test_size > 0, "data.test_size", "a positive integer", d.test_size)
+    need(d.train_size > 0, "data.train_size", "a positive integer", d.train_size)
+    need(d.eval_size > 0, "data.eval_size", "a positive integer", d.eval_size)
+    need(d.max_digits >= 1, "data.max_digits", "an integer >= 1", d.max_digits)
+    if d.source == "guru":
+        need(bool(d.train_path), "data.train_path", "a parquet path or dataset name", d.train_path)
+        need(bool(d.test_path), "data.test_path", "a parquet path or dataset name", d.test_path)
+
+    names = [(m.name, m.family) for m in cfg.ladder.models]
+    need(len(names) == len(set(names)), "ladder.models", "unique (name, family) pairs", names)
+    for i, m in enumerate(cfg.ladder.models):
+        if m.path:  # an existing model; its directory is checked where the run starts
+            continue
+        for name in ("hidden", "layers", "heads", "kv_heads"):
+            need(
+                getattr(m, name) > 0,
+                f"ladder.models[{i}].{name}",
+                "a positive integer",
+                getattr(m, name),
+            )
+        need(
+            m.intermediate >= 0,
+            f"ladder.models[{i}].intermediate",
+            "0 or a positive integer",
+            m.intermediate,
+        )
+        need(
+            m.hidden % m.heads == 0,
+            f"ladder.models[{i}].heads",
+            f"a divisor of hidden={m.hidden}",
+            m.heads,
+        )
+        need(
+            m.heads % m.kv_heads == 0,
+            f"ladder.models[{i}].kv_heads",
+            f"a divisor of heads={m.heads}",
+            m.kv_heads,
+        )
+    need(
+        cfg.ladder.pretrain_tokens_per_param > 0,
+        "ladder.pretrain_tokens_per_param",
+        "a positive number",
+        cfg.ladder.pretrain_tokens_per_param,
+    )
+    for name in cfg.study.models:
+        for family in cfg.study.family:
+            need(
+                (name, family) in names,
+                "study.models",
+                f"names of ladder.models entries with family {family!r} "
+                f"(known: {', '.join(f'{n} ({f})' for n, f in names)})",
+                name,
+            )
+    need(
+        cfg.study.max_concurrent >= 1,
+        "study.max_concurrent",
+        "an integer >= 1",
+        cfg.study.max_concurrent,
+    )
+    need(
+        0 < cfg.study.scheduler_grace_fraction < 1,
+        "study.scheduler_grace_fraction",
+        "a value in (0, 1)",
+        cfg.study.scheduler_grace_fraction,
+    )

@@ -1,0 +1,167 @@
+"""One DeepSpeed learner rank: policy update, reference model, checkpoint, weight sync.
+
+LearnerGroup (group.py) starts `world_size` of these as Ray actors that form one
+torch.distributed group (gloo on CPU, NCCL on GPU); DeepSpeed ZeRO shards the optimizer.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rayrl.config import GRPOConfig, ResourcesConfig
+from rayrl.learner.batch import TrainItem, collate, split_even
+from rayrl.learner.grpo import grpo_loss, token_logprobs
+
+
+def grad_accumulation_steps(grpo: GRPOConfig, rollout_n: int, world_size: int) -> int:
+    """Micro-batches per rank per optimizer step (fixed for a run, as DeepSpeed wants)."""
+    smallest_shard = grpo.prompts_per_step * rollout_n // world_size
+    return max(1, math.ceil(smallest_shard / grpo.micro_batch))
+
+
+class Learner:
+    def __init__(
+        self,
+        rank: int,
+        world_size: int,
+        model_path: str,
+        grpo: GRPOConfig,
+        resources: ResourcesConfig,
+        rollout_n: int,
+    ) -> None:
+        self.rank, self.world_size, self.model_path = rank, world_size, model_path
+        self.grpo, self.resources, self.rollout_n = grpo, resources, rollout_n
+        self.gpu = resources.device == "gpu"
+        self.device = torch.device("cuda", 0) if self.gpu else torch.device("cpu")
+        self.sender = None
+
+    def address(self) -> tuple[str, int]:
+        """This node's IP and a free port, for rank 0 to host the group."""
+        import socket
+
+        import ray
+
+        with socket.socket() as s:
+            s.bind(("", 0))
+            return ray.util.get_node_ip_address(), s.getsockname()[1]
+
+    def setup(self, master_addr: str, master_port: int) -> int:
+        """Join the learner group and build the DeepSpeed engine; returns micro-batches per step."""
+        import deepspeed
+        from transformers import AutoModelForCausalLM
+
+        grpo = self.grpo
+        os.environ.update(
+            MASTER_ADDR=master_addr,
+            MASTER_PORT=str(master_port),
+            RANK=str(self.rank),
+            WORLD_SIZE=str(self.world_size),
+            LOCAL_RANK="0",
+        )
+        deepspeed.init_distributed(dist_backend="nccl" if self.gpu else "gloo")
+        torch.manual_seed(grpo.seed + self.rank)
+        dtype = torch.bfloat16 if self.gpu else torch.float32
+        policy = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype)
+        self.ref = (
+            AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype)
+            .to(self.device)
+            .eval()
+        )
+        self.ref.requires_grad_(False)
+        self.pad_id = policy.config.pad_token_id or 0
+        self.gas = grad_accumulation_steps(grpo, self.rollout_n, self.world_size)
+        ds_config = {
+            "train_micro_batch_size_per_gpu": grpo.micro_batch,
+            "gradient_accumulation_steps": self.gas,
+            "train_batch_size": grpo.micro_batch * self.gas * self.world_size,
+            "gradient_clipping": grpo.grad_clip,
+            "zero_optimization": {"stage": self.resources.zero_stage},
+            "bf16": {"enabled": self.gpu},
+            "steps_per_print": 10**9,
+        }
+        # A client optimizer: FusedAdam needs CUDA, torch's AdamW runs on both.
+        opt = torch.optim.AdamW(policy.parameters(), lr=grpo.lr, weight_decay=grpo.weight_decay)
+        self.engine, *_ = deepspeed.initialize(model=policy, optimizer=opt, config=ds_config)
+        return self.gas
+
+    def train(self, items: list[TrainItem], temperature: float) -> dict[str, float]:
+        """One optimizer step on this rank's shard: `gas` micro-batches, token-mean over the shard."""
+        t0 = time.perf_counter()
+        g = self.grpo
+        num_tokens = float(sum(len(it.response_ids) for it in items))
+        totals = {"loss": 0.0, "pg_loss": 0.0, "kl": 0.0, "clip_frac": 0.0}
+        processed = 0
+        self.engine.train()
+        for chunk in split_even(items, self.gas):
+            b = collate(chunk, self.pad_id).to(self.device)
+            logits = self.engine(input_ids=b.input_ids, attention_mask=b.attention_mask).logits[
+                :, :-1
+            ]
+            logp = token_logprobs(logits, b.input_ids[:, 1:], temperature)
+            with torch.no_grad():
+                ref_logits = self.ref(
+                    input_ids=b.input_ids, attention_mask=b.attention_mask
+                ).logits[:, :-1]
+                ref_logp = token_logprobs(ref_logits, b.input_ids[:, 1:], temperature)
+            # One optimizer step per rollout batch: pi_old is the current policy.
+            loss, stats = grpo_loss(
+                logp,
+                logp.detach(),
+                ref_logp,
+                b.advantages,
+                b.response_mask,
+                g.clip_low,
+                g.clip_high,
+                g.kl_coef,
+                num_tokens=num_tokens,
+            )
+            self.engine.backward(loss, scale_wrt_gas=False)
+            self.engine.step()
+            w = stats["tokens"] / max(num_tokens, 1.0)
+            totals["loss"] += loss.item()
+            for k in ("pg_loss", "kl", "clip_frac"):
+                totals[k] += stats[k] * w
+            processed += int(b.attention_mask.sum())
+        grad_norm = self.engine.get_global_grad_norm()
+        totals.update(
+            grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
+            tokens_processed=float(processed),
+            response_tokens=num_tokens,
+            seconds=time.perf_counter() - t0,
+        )
+        return totals
+
+    def named_weights(self):
+        """Full (gathered) weights by HF name; ZeRO-3 shards need a gather first."""
+        import deepspeed
+
+        params = list(self.engine.module.named_parameters())
+        if self.engine.zero_optimization_stage() == 3:
+            with deepspeed.zero.GatheredParameters([p for _, p in params]):
+                return [(n, p.detach().cpu().clone()) for n, p in params]
+        return [(n, p.detach()) for n, p in params]
+
+    # --- weight sync (rank 0 only) -------------------------------------------------
+    def init_weight_sync(self, **kwargs: Any) -> None:
+        from rayrl.rollout.sync import WeightSender
+
+        self.sender = WeightSender(**kwargs)
+
+    def sync_weights(self) -> dict[str, float]:
+        stats = self.sender.send(self.named_weights())
+        return {"sync_seconds": stats.seconds, "sync_bytes": float(stats.bytes)}
+
+    # --- checkpoints ------------------------------------------------------------------
+    def save(self, path: str, tag: str) -> None:
+        self.engine.save_checkpoint(path, tag=tag)
+
+    def load(self, path: str, tag: str) -> None:
+        loaded, _ = self.engine.load_checkpoint(path, tag=tag)
+        if loaded is None:
+            raise FileNotFoundError(f"{Path(path) / tag}: no DeepSpeed checkpoint to resume from")

@@ -1,0 +1,58 @@
+"""Training items and their padded tensor form."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class TrainItem:
+    """One sampled response with its group-normalised advantage."""
+
+    prompt_ids: list[int]
+    response_ids: list[int]
+    advantage: float
+
+
+@dataclass
+class Padded:
+    input_ids: torch.Tensor  # [B, T], right-padded
+    attention_mask: torch.Tensor  # [B, T]
+    response_mask: torch.Tensor  # [B, T-1], 1 where target t+1 is a response token
+    advantages: torch.Tensor  # [B]
+
+    def to(self, device: torch.device | str) -> Padded:
+        return Padded(
+            *(
+                t.to(device)
+                for t in (self.input_ids, self.attention_mask, self.response_mask, self.advantages)
+            )
+        )
+
+
+def collate(items: list[TrainItem], pad_id: int) -> Padded:
+    """Pack prompt+response sequences so logits[:, t] predict input_ids[:, t+1]."""
+    width = max(len(it.prompt_ids) + len(it.response_ids) for it in items)
+    ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(items), width), dtype=torch.long)
+    resp = torch.zeros((len(items), width - 1), dtype=torch.float32)
+    for i, it in enumerate(items):
+        p, r = len(it.prompt_ids), len(it.response_ids)
+        ids[i, : p + r] = torch.tensor(it.prompt_ids + it.response_ids)
+        attn[i, : p + r] = 1
+        resp[i, p - 1 : p + r - 1] = 1.0
+    adv = torch.tensor([it.advantage for it in items], dtype=torch.float32)
+    return Padded(ids, attn, resp, adv)
+
+
+def split_even(items: list, parts: int) -> list[list]:
+    """Contiguous, near-equal shards (sizes differ by at most one)."""
+    q, r = divmod(len(items), parts)
+    out, start = [], 0
+    for i in range(parts):
+        end = start + q + (1 if i < r else 0)
+        out.append(items[start:end])
+        start = end
+    return out

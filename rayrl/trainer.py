@@ -1,0 +1,330 @@
+"""The GRPO loop of one run: rollout -> reward -> advantage -> update -> weight sync.
+
+Every `eval_every` steps the held-out set is scored and one metric row (DESIGN.md
+schema) is appended to metrics.parquet; every `checkpoint_every` steps the learner
+state is saved so `--resume` continues where the last checkpoint left off.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from tqdm import tqdm
+
+from rayrl.config import Config
+from rayrl.data import load_task, render_prompt, reuse_schedule
+from rayrl.learner.batch import TrainItem
+from rayrl.learner.group import LearnerGroup
+from rayrl.learner.grpo import group_advantages
+from rayrl.metrics import MetricsLog, append_jsonl
+from rayrl.models.flops import forward_flops, train_flops
+
+
+@dataclass
+class RunSpec:
+    """What distinguishes one run of a study from another."""
+
+    model: str
+    rollout_n: int
+    reuse_factor: int
+    seed: int
+    family: str = "tiny-base"
+
+    @property
+    def run_id(self) -> str:
+        return f"{self.model}-n{self.rollout_n}-tau{self.reuse_factor}-s{self.seed}"
+
+
+@dataclass
+class EvalResult:
+    pass_at_1: float
+    se: float  # standard error over problems of the per-problem pass rate
+    problems: int
+
+    @property
+    def test_loss(self) -> float:
+        return 1.0 - self.pass_at_1  # L = 1 - pass@1
+
+
+def evaluate(
+    pool: Any,
+    rewards: Any,
+    rows: list[dict],
+    tokenizer: Any,
+    samples: int,
+    temperature: float,
+    max_tokens: int,
+    seed: int,
+) -> EvalResult:
+    """pass@1 estimated from `samples` draws per problem at the evaluation temperature."""
+    prompts = [tokenizer(render_prompt(r, tokenizer)).input_ids for r in rows]
+    groups = pool.generate(
+        prompts, n=samples, temperature=temperature, max_tokens=max_tokens, seed=seed
+    )
+    items = [
+        (
+            r["data_source"],
+            tokenizer.decode(s.token_ids, skip_special_tokens=True),
+            str(r["reward_model"]["ground_truth"]),
+        )
+        for r, g in zip(rows, groups)
+        for s in g
+    ]
+    scores = np.array([v.score for v in rewards.score(items)]).reshape(len(rows), samples)
+    per_problem = scores.mean(axis=1)
+    se = float(per_problem.std(ddof=1) / np.sqrt(len(rows))) if len(rows) > 1 else float("nan")
+    return EvalResult(float(per_problem.mean()), se, len(rows))
+
+
+class Run:
+    """One GRPO run; owns its actor pools for its lifetime."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        spec: RunSpec,
+        run_dir: Path,
+        on_row: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
+        from transformers import AutoTokenizer
+
+        from rayrl.models.ladder import model_path
+        from rayrl.rewards.pool import RewardPool
+        from rayrl.rollout.pool import RolloutPool
+
+        self.cfg, self.spec, self.dir, self.on_row = cfg, spec, run_dir, on_row
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(
+            yaml.safe_dump(
+                {"config": dataclasses.asdict(cfg), "run": dataclasses.asdict(spec)},
+                sort_keys=False,
+            )
+        )
+        g, r = cfg.grpo, cfg.resources
+        self.model_dir = str(model_path(cfg, spec.model))
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        self.n_params = ladder_params(self.model_dir)
+        task = load_task(cfg)
+        self.test = task.test
+        self.schedule = reuse_schedule(task.train, g.data_budget, spec.reuse_factor, spec.seed)
+        self.steps = g.data_budget // g.prompts_per_step
+        self.metrics = MetricsLog(run_dir / "metrics.parquet")
+        self.rollout = RolloutPool(
+            self.model_dir,
+            num_workers=r.rollout_workers,
+            tensor_parallel=r.tensor_parallel,
+            device=r.device,
+            kv_cache_gib=r.vllm_kv_cache_gib,
+            dtype=r.vllm_dtype,
+            max_model_len=g.max_prompt_tokens + g.max_new_tokens,
+            num_cpus_per_worker=r.cpus_per_actor,
+            seed=spec.seed,
+        )
+        self.rewards = RewardPool(
+            num_workers=r.reward_workers, num_cpus_per_worker=min(r.cpus_per_actor, 0.5)
+        )
+        self.learners = LearnerGroup(self.model_dir, g, r, spec.rollout_n)
+        self.rollout.connect(self.learners)
+
+    # --- one step ------------------------------------------------------------------------
+    def step(self, step: int) -> dict[str, Any]:
+        g, spec, tok = self.cfg.grpo, self.spec, self.tokenizer
+        t: dict[str, float] = {}
+        rows = self.schedule[step * g.prompts_per_step : (step + 1) * g.prompts_per_step]
+        prompts = [tok(render_prompt(r, tok)).input_ids for r in rows]
+
+        t0 = time.perf_counter()
+        groups = self.rollout.generate(
+            prompts,
+            n=spec.rollout_n,
+            temperature=g.temperature,
+            max_tokens=g.max_new_tokens,
+            seed=spec.seed * 1_000_003 + step,
+        )
+        t["gen"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        items = [
+            (
+                r["data_source"],
+                tok.decode(s.token_ids, skip_special_tokens=True),
+                str(r["reward_model"]["ground_truth"]),
+            )
+            for r, grp in zip(rows, groups)
+            for s in grp
+        ]
+        rewards = torch.tensor([v.score for v in self.rewards.score(items)])
+        t["reward"] = time.perf_counter() - t0
+
+        adv, flat_groups = group_advantages(rewards, spec.rollout_n, g.adv_eps)
+        batch = [
+            TrainItem(p, list(s.token_ids), float(a))
+            for p, grp, a_grp in zip(prompts, groups, adv.view(-1, spec.rollout_n))
+            for s, a in zip(grp, a_grp)
+        ]
+        t0 = time.perf_counter()
+        learn = self.learners.train(batch, g.temperature)
+        t["learn"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        sync = self.rollout.sync_weights()
+        t["sync"] = time.perf_counter() - t0
+
+        prompt_tokens = sum(len(p) for p in prompts) * spec.rollout_n
+        gen_tokens = sum(len(s.token_ids) for grp in groups for s in grp)
+        return {
+            "step": step + 1,
+            "reward_mean": float(rewards.mean()),
+            "flat_groups": flat_groups,
+            "response_len": gen_tokens / max(len(batch), 1),
+            # C: 6 N T per optimizer step over the tokens the learner processed (appendix C.1).
+            "flops": train_flops(self.n_params, learn["tokens_processed"]),
+            # All-in adds rollout generation and the reference forward pass, 2 N T each.
+            "flops_all": train_flops(self.n_params, learn["tokens_processed"])
+            + forward_flops(self.n_params, prompt_tokens + gen_tokens)
+            + forward_flops(self.n_params, learn["tokens_processed"]),
+            "unique": {r["extra_info"]["index"] for r in rows},
+            **{f"time_{k}": v for k, v in t.items()},
+            **{k: learn[k] for k in ("loss", "pg_loss", "kl", "clip_frac", "grad_norm")},
+            **sync,
+        }
+
+    def evaluate(self, step: int) -> EvalResult:
+        g = self.cfg.grpo
+        return evaluate(
+            self.rollout,
+            self.rewards,
+            self.test,
+            self.tokenizer,
+            g.eval_samples,
+            g.eval_temperature,
+            g.max_new_tokens,
+            seed=10_000_019 + step,
+        )
+
+    # --- the loop --------------------------------------------------------------------------
+    def run(self, resume: bool = False, progress: bool = True) -> Path:
+        g, spec = self.cfg.grpo, self.spec
+        ckpt_dir = self.dir / "checkpoints"
+        state = {"step": 0, "compute": 0.0, "compute_all": 0.0, "unique": []}
+        if self.metrics.rows and not resume:
+            raise FileExistsError(f"{self.dir} already holds a run; pass --resume to continue it")
+        if resume and (ckpt_dir / "latest.json").exists():
+            state = json.loads((ckpt_dir / "latest.json").read_text())
+            self.learners.load(str(ckpt_dir), f"step{state['step']}")
+            self.rollout.sync_weights()
+        # Steps after the checkpoint are recomputed, so their records go.
+        self.metrics.truncate_after(state["step"])
+        truncate_jsonl(self.dir / "steps.jsonl", state["step"])
+        unique: set = set(state["unique"])
+        start = state["step"]
+
+        if not any(r["step"] == start for r in self.metrics.rows):
+            self._record(start, state, len(unique), self.evaluate(start), {})
+        bar = tqdm(
+            total=self.steps,
+            initial=start,
+            desc=spec.run_id,
+            disable=not progress,
+            dynamic_ncols=True,
+        )
+        last_eval = None
+        for step in range(start, self.steps):
+            t0 = time.perf_counter()
+            out = self.step(step)
+            unique |= out.pop("unique")
+            state.update(
+                step=step + 1,
+                compute=state["compute"] + out["flops"],
+                compute_all=state["compute_all"] + out["flops_all"],
+            )
+            done = step + 1
+            t1 = time.perf_counter()
+            if done % g.eval_every == 0 or done == self.steps:
+                last_eval = self.evaluate(done)
+                self._record(done, state, len(unique), last_eval, out)
+            out["time_eval"] = time.perf_counter() - t1
+            out["wall"] = time.perf_counter() - t0
+            append_jsonl(self.dir / "steps.jsonl", {"step": done, **out})
+            if done % g.checkpoint_every == 0 or done == self.steps:
+                state["unique"] = sorted(unique)
+                self.learners.save(str(ckpt_dir), f"step{done}")
+                (ckpt_dir / "latest.json").write_text(json.dumps(state))
+            bar.update(1)
+            bar.set_postfix_str(
+                f"reward {out['reward_mean']:.2f} loss {last_eval.test_loss if last_eval else float('nan'):.3f} "
+                f"gen {out['time_gen']:.1f}s learn {out['time_learn']:.1f}s sync {out['time_sync']:.2f}s"
+            )
+        bar.close()
+        return self.dir
+
+    def _record(self, step: int, state: dict, unique: int, ev: EvalResult, out: dict) -> None:
+        spec = self.spec
+        row = {
+            "run_id": spec.run_id,
+            "family": spec.family,
+            "model": spec.model,
+            "n_params": self.n_params,
+            "step": step,
+            "compute_flops": state["compute"],
+            "data_samples": step * self.cfg.grpo.prompts_per_step,
+            "unique_samples": unique,
+            "rollout_n": spec.rollout_n,
+            "reuse_factor": spec.reuse_factor,
+            "seed": spec.seed,
+            "test_loss": ev.test_loss,
+            "test_loss_se": ev.se,
+            "compute_flops_all": state["compute_all"],
+            **{k: out[k] for k in ("reward_mean", "response_len", "flat_groups") if k in out},
+        }
+        self.metrics.append(row)
+        if self.on_row is not None:
+            self.on_row(row)
+
+    def shutdown(self) -> None:
+        self.rollout.shutdown()
+        self.rewards.shutdown()
+        self.learners.shutdown()
+
+
+def truncate_jsonl(path: Path, step: int) -> None:
+    if path.exists():
+        keep = [ln for ln in path.read_text().splitlines() if json.loads(ln)["step"] <= step]
+        path.write_text("".join(ln + "\n" for ln in keep))
+
+
+def ladder_params(model_dir: str) -> int:
+    """Non-embedding parameter count N of a saved model, built on the meta device (no weights)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from rayrl.models.flops import count_params
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+    return count_params(model)[1]
+
+
+def train(
+    cfg: Config,
+    spec: RunSpec,
+    run_dir: Path | None = None,
+    resume: bool = False,
+    on_row: Callable[[dict[str, Any]], None] | None = None,
+    progress: bool = True,
+) -> Path:
+    """Run one GRPO training run to the end of its data budget; returns the run directory."""
+    run_dir = run_dir or Path(cfg.output_dir) / spec.run_id
+    run = Run(cfg, spec, run_dir, on_row)
+    try:
+        return run.run(resume=resume, progress=progress)
+    finally:
+        run.shutdown()

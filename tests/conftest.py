@@ -1,0 +1,36 @@
+"""Shared fixtures: one Ray instance per test session, the real guru data, a scratch dir."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+GURU = Path(os.environ.get("RAYRL_GURU_DIR", ROOT.parent / "shared" / "data" / "guru"))
+
+
+@pytest.fixture(scope="session")
+def guru_dir() -> Path:
+    if not GURU.is_dir():
+        pytest.fail(
+            f"guru data not found at {GURU}; set RAYRL_GURU_DIR or put shared/ beside the repo"
+        )
+    return GURU
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole session: fixed CPUs, no dashboard."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(
+            num_cpus=4,
+            include_dashboard=False,
+            log_to_driver=False,
+            runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}},
+        )
+    yield ray
+    # Left running on purpose: later tests in the session reuse it; pytest exit tears it down.

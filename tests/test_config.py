@@ -1,0 +1,97 @@
+from pathlib import Path
+
+import pytest
+
+from rayrl.config import Config, ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_defaults_are_the_papers_grpo_values():
+    g = Config().grpo
+    assert (g.clip_low, g.clip_high) == (0.2, 0.2)
+    assert g.kl_coef == 0.001 and g.kl_estimator == "k3"
+    assert g.loss_agg == "token-mean"
+    assert (g.temperature, g.eval_temperature) == (1.0, 0.7)
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
+def test_shipped_configs_load(name):
+    cfg = load_config(ROOT / "configs" / name)
+    assert cfg.source.endswith(name)
+
+
+@pytest.mark.parametrize(
+    "text, key, expected",
+    [
+        ("grpo:\n  bogus: 1\n", "grpo.bogus", "unknown key"),
+        ("nonsense: 1\n", "nonsense", "unknown key"),
+        ("grpo:\n  rollout_n: eight\n", "grpo.rollout_n", "expected int"),
+        ("grpo:\n  rollout_n: true\n", "grpo.rollout_n", "expected int"),
+        ("grpo:\n  lr: fast\n", "grpo.lr", "expected float"),
+        ("grpo:\n  kl_estimator: k9\n", "grpo.kl_estimator", "expected one of"),
+        ("study:\n  seeds: 3\n", "study.seeds", "expected a list"),
+        ("grpo: 5\n", "grpo", "expected a mapping"),
+        ("grpo:\n  rollout_n: 1\n", "grpo.rollout_n", "at least 2"),
+        (
+            "grpo:\n  data_budget: 100\n  reuse_factor: 3\n",
+            "grpo.reuse_factor",
+            "divisor of grpo.data_budget=100",
+        ),
+        (
+            "grpo:\n  data_budget: 100\nstudy:\n  reuse_factor: [1, 7]\n",
+            "study.reuse_factor",
+            "divisors",
+        ),
+        ("study:\n  rollout_n: [1, 4]\n", "study.rollout_n", "at least 2"),
+        ("grpo:\n  prompts_per_step: -4\n", "grpo.prompts_per_step", "positive"),
+        ("resources:\n  learners: 0\n", "resources.learners", ">= 1"),
+        ("resources:\n  zero_stage: 5\n", "resources.zero_stage", "0, 1, 2 or 3"),
+        (
+            "ladder:\n  models:\n  - {name: a, hidden: -8, layers: 2}\n",
+            "ladder.models[0].hidden",
+            "positive",
+        ),
+        (
+            "ladder:\n  models:\n  - {name: a, hidden: 30, layers: 2, heads: 4}\n",
+            "ladder.models[0].heads",
+            "divisor",
+        ),
+        (
+            "ladder:\n  models:\n  - {name: a, hidden: 32, layers: 2}\n  - {name: a, hidden: 64, layers: 2}\n",
+            "ladder.models",
+            "unique",
+        ),
+        ("study:\n  models: [nope]\n", "study.models", "names of ladder.models entries"),
+        ("data:\n  source: guru\n", "data.train_path", "parquet path"),
+        ("grpo:\n  temperature: 0\n", "grpo.temperature", "positive"),
+    ],
+)
+def test_bad_configs_name_file_key_and_expectation(tmp_path, text, key, expected):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    msg = str(err.value)
+    assert str(path) in msg and f"'{key}'" in msg and expected in msg
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="file not found"):
+        load_config(tmp_path / "absent.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path, "grpo: [\n"))
+    with pytest.raises(ConfigError, match="mapping at the top level"):
+        load_config(write(tmp_path, "- 1\n"))
+
+
+def test_overrides_apply_and_validate(tmp_path):
+    path = write(tmp_path, "grpo:\n  rollout_n: 4\n")
+    assert load_config(path, {"grpo.rollout_n": 16}).grpo.rollout_n == 16
+    with pytest.raises(ConfigError, match="grpo.rollout_n"):
+        load_config(path, {"grpo.rollout_n": 1})
