@@ -8,6 +8,7 @@ starts; errors name the file, the key and what was expected.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import types
 import typing
 from dataclasses import dataclass, field
@@ -38,6 +39,10 @@ class ModelSpec:
     tie_embeddings: bool = False
 
 
+# Head sizes that vLLM's CPU attention backend supports (vllm/v1/attention/backends/cpu_attn.py).
+CPU_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+
+
 @dataclass
 class LadderConfig:
     """The embedded tiny model ladder and its base pre-training."""
@@ -48,9 +53,10 @@ class LadderConfig:
     pretrain_min_steps: int = 300
     pretrain_batch: int = 64
     pretrain_lr: float = 3e-3
-    eval_problems: int = 200
+    eval_problems: int = 200  # held-out problems behind the table's pass@1
+    eval_samples: int = 4  # samples per problem at grpo.eval_temperature
     seed: int = 0
-    dir: str = "~/.cache/rayrl/ladder"
+    dir: str = "~/.cache/rayrl/ladder"  # RAYRL_CACHE, when set, wins: $RAYRL_CACHE/ladder
 
 
 @dataclass
@@ -112,15 +118,36 @@ class ResourcesConfig:
 
 
 @dataclass
+class SweepConfig:
+    """A named sub-grid of the study; an axis left empty takes the study's own list."""
+
+    name: str
+    models: list[str] = field(default_factory=list)
+    rollout_n: list[int] = field(default_factory=list)
+    reuse_factor: list[int] = field(default_factory=list)
+    family: list[str] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=list)
+
+
+AXES = ("models", "family", "rollout_n", "reuse_factor", "seeds")
+
+
+@dataclass
 class StudyConfig:
-    """The Tune search space and scheduling."""
+    """The Tune search space and scheduling.
+
+    Without sweeps the study is the full product of the axes below. With sweeps it is
+    the union of their products, so a size sweep, a reuse sweep and a rollout-n sweep
+    share one study without paying for the whole cross product.
+    """
 
     name: str = "study"
     models: list[str] = field(default_factory=list)
-    rollout_n: list[int] = field(default_factory=lambda: [8])
-    reuse_factor: list[int] = field(default_factory=lambda: [1])
+    rollout_n: list[int] = field(default_factory=list)  # empty: [grpo.rollout_n]
+    reuse_factor: list[int] = field(default_factory=list)  # empty: [grpo.reuse_factor]
     family: list[str] = field(default_factory=lambda: ["base"])
-    seeds: list[int] = field(default_factory=lambda: [0])
+    seeds: list[int] = field(default_factory=list)  # empty: [grpo.seed]
+    sweeps: list[SweepConfig] = field(default_factory=list)
     max_concurrent: int = 1
     scheduler: bool = True
     scheduler_grace_fraction: float = 0.25
@@ -136,6 +163,28 @@ class Config:
     study: StudyConfig = field(default_factory=StudyConfig)
     output_dir: str = "runs"
     source: str = field(default="", metadata={"internal": True})  # the YAML file, for errors
+
+    def trials(self) -> list[dict[str, Any]]:
+        """Every distinct trial of the study, in order, with the sweeps it belongs to."""
+        st, g = self.study, self.grpo
+        defaults = {"rollout_n": [g.rollout_n], "reuse_factor": [g.reuse_factor], "seeds": [g.seed]}
+        out: dict[tuple, dict[str, Any]] = {}
+        for sw in st.sweeps or [SweepConfig(name="grid")]:
+            axes = [getattr(sw, a) or getattr(st, a) or defaults.get(a, []) for a in AXES]
+            for model, family, n, tau, seed in itertools.product(*axes):
+                trial = out.setdefault(
+                    (model, family, n, tau, seed),
+                    {
+                        "model": model,
+                        "family": family,
+                        "rollout_n": n,
+                        "reuse_factor": tau,
+                        "seed": seed,
+                        "sweeps": [],
+                    },
+                )
+                trial["sweeps"].append(sw.name)
+        return list(out.values())
 
     def model(self, name: str, family: str | None = None) -> ModelSpec:
         for spec in self.ladder.models:
@@ -170,6 +219,13 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Co
     cfg.source = where
     validate(cfg)
     return cfg
+
+
+def dump_config(cfg: Config, path: str | Path) -> None:
+    """Write `cfg` as YAML that load_config reads back to an equal config."""
+    raw = dataclasses.asdict(cfg)
+    raw.pop("source")
+    Path(path).write_text(yaml.safe_dump(raw, sort_keys=False))
 
 
 def from_dict(cls: type, raw: Any, where: str, prefix: str) -> Any:
@@ -257,14 +313,16 @@ def validate(cfg: Config) -> None:
         f"a divisor of grpo.data_budget={g.data_budget}",
         g.reuse_factor,
     )
-    for tau in cfg.study.reuse_factor:
+    trials = cfg.trials()
+    grids = [cfg.study, *cfg.study.sweeps]
+    for tau in sorted({tau for grid in grids for tau in grid.reuse_factor}):
         need(
             tau >= 1 and g.data_budget % tau == 0,
             "study.reuse_factor",
             f"divisors of grpo.data_budget={g.data_budget}",
             tau,
         )
-    for n in cfg.study.rollout_n:
+    for n in sorted({n for grid in grids for n in grid.rollout_n}):
         need(n >= 2, "study.rollout_n", "group sizes of at least 2", n)
 
     r = cfg.resources
@@ -317,21 +375,40 @@ def validate(cfg: Config) -> None:
             f"a divisor of heads={m.heads}",
             m.kv_heads,
         )
+    lad = cfg.ladder
     need(
-        cfg.ladder.pretrain_tokens_per_param > 0,
+        lad.pretrain_tokens_per_param >= 0,
         "ladder.pretrain_tokens_per_param",
-        "a positive number",
-        cfg.ladder.pretrain_tokens_per_param,
+        "a non-negative number",
+        lad.pretrain_tokens_per_param,
     )
-    for name in cfg.study.models:
-        for family in cfg.study.family:
-            need(
-                (name, family) in names,
-                "study.models",
-                f"names of ladder.models entries with family {family!r} "
-                f"(known: {', '.join(f'{n} ({f})' for n, f in names)})",
-                name,
-            )
+    for name in ("pretrain_min_steps", "pretrain_batch", "eval_problems", "eval_samples"):
+        need(getattr(lad, name) > 0, f"ladder.{name}", "a positive integer", getattr(lad, name))
+    need(lad.pretrain_lr > 0, "ladder.pretrain_lr", "a positive learning rate", lad.pretrain_lr)
+    if (
+        cfg.resources.device == "cpu"
+    ):  # vLLM's CPU attention kernels exist for these head sizes only
+        for i, m in enumerate(lad.models):
+            if not m.path and m.heads > 0 and m.hidden % m.heads == 0:
+                need(
+                    m.hidden // m.heads in CPU_HEAD_DIMS,
+                    f"ladder.models[{i}].heads",
+                    f"hidden/heads in {list(CPU_HEAD_DIMS)} (vLLM CPU attention)",
+                    m.heads,
+                )
+    for t in trials:
+        need(
+            (t["model"], t["family"]) in names,
+            "study.models",
+            f"names of ladder.models entries with family {t['family']!r} "
+            f"(known: {', '.join(f'{n} ({f})' for n, f in names)})",
+            t["model"],
+        )
+    sweep_names = [sw.name for sw in cfg.study.sweeps]
+    need(
+        len(sweep_names) == len(set(sweep_names)), "study.sweeps", "unique sweep names", sweep_names
+    )
+
     need(
         cfg.study.max_concurrent >= 1,
         "study.max_concurrent",

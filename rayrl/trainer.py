@@ -17,10 +17,9 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from tqdm import tqdm
 
-from rayrl.config import Config
+from rayrl.config import Config, dump_config
 from rayrl.data import load_task, render_prompt, reuse_schedule
 from rayrl.learner.batch import TrainItem
 from rayrl.learner.group import LearnerGroup
@@ -37,11 +36,11 @@ class RunSpec:
     rollout_n: int
     reuse_factor: int
     seed: int
-    family: str = "tiny-base"
+    family: str = "base"
 
     @property
     def run_id(self) -> str:
-        return f"{self.model}-n{self.rollout_n}-tau{self.reuse_factor}-s{self.seed}"
+        return f"{self.model}-{self.family}-n{self.rollout_n}-tau{self.reuse_factor}-s{self.seed}"
 
 
 @dataclass
@@ -97,20 +96,15 @@ class Run:
     ) -> None:
         from transformers import AutoTokenizer
 
-        from rayrl.models.ladder import model_path
         from rayrl.rewards.pool import RewardPool
         from rayrl.rollout.pool import RolloutPool
 
         self.cfg, self.spec, self.dir, self.on_row = cfg, spec, run_dir, on_row
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(
-            yaml.safe_dump(
-                {"config": dataclasses.asdict(cfg), "run": dataclasses.asdict(spec)},
-                sort_keys=False,
-            )
-        )
+        dump_config(cfg, run_dir / "config.yaml")
+        (run_dir / "run.json").write_text(json.dumps(dataclasses.asdict(spec)))
         g, r = cfg.grpo, cfg.resources
-        self.model_dir = str(model_path(cfg, spec.model))
+        self.model_dir = resolve_model_dir(cfg, spec.model, spec.family)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         self.n_params = ladder_params(self.model_dir)
         task = load_task(cfg)
@@ -195,7 +189,7 @@ class Run:
             "unique": {r["extra_info"]["index"] for r in rows},
             **{f"time_{k}": v for k, v in t.items()},
             **{k: learn[k] for k in ("loss", "pg_loss", "kl", "clip_frac", "grad_norm")},
-            **sync,
+            **sync.metrics(),
         }
 
     def evaluate(self, step: int) -> EvalResult:
@@ -300,6 +294,14 @@ def truncate_jsonl(path: Path, step: int) -> None:
     if path.exists():
         keep = [ln for ln in path.read_text().splitlines() if json.loads(ln)["step"] <= step]
         path.write_text("".join(ln + "\n" for ln in keep))
+
+
+def resolve_model_dir(cfg: Config, name: str, family: str) -> str:
+    """An external model's own directory, or the ladder's (built on first use)."""
+    from rayrl.models.ladder import model_path
+
+    spec = cfg.model(name, family)
+    return spec.path or str(model_path(cfg, name))
 
 
 def ladder_params(model_dir: str) -> int:

@@ -30,7 +30,8 @@ def ray_session():
             num_cpus=4,
             include_dashboard=False,
             log_to_driver=False,
-            runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}},
+            # Workers import test modules (trainables, fakes defined in tests) by name.
+            runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT / "tests")}},
         )
     yield ray
     # Left running on purpose: later tests in the session reuse it; pytest exit tears it down.

@@ -95,3 +95,30 @@ def test_overrides_apply_and_validate(tmp_path):
     assert load_config(path, {"grpo.rollout_n": 16}).grpo.rollout_n == 16
     with pytest.raises(ConfigError, match="grpo.rollout_n"):
         load_config(path, {"grpo.rollout_n": 1})
+
+
+def test_sweeps_union_without_the_cross_product(tmp_path):
+    path = write(
+        tmp_path,
+        "ladder:\n  models:\n  - {name: a, hidden: 32, layers: 1, heads: 1, kv_heads: 1}\n"
+        "  - {name: b, hidden: 64, layers: 1, heads: 2, kv_heads: 1}\n"
+        "grpo:\n  rollout_n: 4\n  data_budget: 64\n"
+        "study:\n  models: [a, b]\n  seeds: [0, 1]\n  sweeps:\n  - {name: size}\n"
+        "  - {name: reuse, models: [a], seeds: [0], reuse_factor: [1, 4]}\n",
+    )
+    trials = load_config(path).trials()
+    keys = [(t["model"], t["rollout_n"], t["reuse_factor"], t["seed"]) for t in trials]
+    assert len(keys) == len(set(keys)) == 5  # 2 models x 2 seeds, plus a at tau 4
+    shared = next(t for t in trials if (t["model"], t["reuse_factor"], t["seed"]) == ("a", 1, 0))
+    assert shared["sweeps"] == ["size", "reuse"]
+    assert all(t["rollout_n"] == 4 for t in trials)  # empty axis: the grpo value
+
+
+def test_dumped_config_loads_back_equal(tmp_path):
+    from rayrl.config import dump_config
+
+    cfg = load_config(ROOT / "configs" / "smoke.yaml")
+    dump_config(cfg, tmp_path / "again.yaml")
+    again = load_config(tmp_path / "again.yaml")
+    again.source = cfg.source
+    assert again == cfg

@@ -153,9 +153,10 @@ class Learner:
 
         self.sender = WeightSender(**kwargs)
 
-    def sync_weights(self) -> dict[str, float]:
-        stats = self.sender.send(self.named_weights())
-        return {"sync_seconds": stats.seconds, "sync_bytes": float(stats.bytes)}
+    def sync_weights(self) -> Any:
+        """Every rank gathers (a collective under ZeRO-3); rank 0 alone sends. Returns SyncStats on rank 0."""
+        weights = self.named_weights()
+        return self.sender.send(weights) if self.sender is not None else None
 
     # --- checkpoints ------------------------------------------------------------------
     def save(self, path: str, tag: str) -> None:

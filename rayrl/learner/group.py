@@ -44,8 +44,9 @@ class LearnerGroup:
         """Rank 0 joins the broadcast group; returns the pending call (the receivers join too)."""
         return self.actors[0].init_weight_sync.remote(**kwargs)
 
-    def sync_weights(self) -> ray.ObjectRef:
-        return self.actors[0].sync_weights.remote()
+    def sync_weights(self) -> Any:
+        """Blocks until rank 0 has broadcast; returns its SyncStats."""
+        return ray.get([a.sync_weights.remote() for a in self.actors])[0]
 
     def save(self, path: str, tag: str) -> None:
         ray.get([a.save.remote(path, tag) for a in self.actors])

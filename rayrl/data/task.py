@@ -1,0 +1,37 @@
+"""One run's data: curriculum-ordered training rows, the held-out set and evaluation sets."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rayrl.config import Config
+from rayrl.data.curriculum import curriculum_order
+from rayrl.data.loading import load_rows
+from rayrl.data.rows import Malformed
+from rayrl.data.synthetic import synthetic_task
+
+
+@dataclass
+class Task:
+    train: list[dict]  # easy to hard
+    test: list[dict]  # the held-out set that defines test loss
+    evals: dict[str, list[dict]] = field(default_factory=dict)
+    malformed: list[Malformed] = field(default_factory=list)
+
+
+def load_task(cfg: Config) -> Task:
+    d = cfg.data
+    if d.source == "synthetic":
+        train, test, evals = synthetic_task(
+            d.train_size, d.test_size, d.max_digits, d.seed, d.eval_size
+        )
+        return Task(curriculum_order(train), curriculum_order(test), evals)
+    train = load_rows(d.train_path, split="train")
+    test = load_rows(d.test_path, split="test")
+    task = Task(curriculum_order(train.rows), test.rows, malformed=train.malformed + test.malformed)
+    for path in d.eval_paths:
+        loaded = load_rows(path, split="test")
+        task.evals[Path(path).stem] = loaded.rows
+        task.malformed += loaded.malformed
+    return task

@@ -1,0 +1,201 @@
+"""The study report: report.md with PNG figures, from the study directory alone.
+
+Reads metrics.parquet (all trials), config.yaml (which sweep each trial belongs to)
+and scheduler.jsonl; writes fit.json / fit_data.json through `rayrl fit`'s code.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from rayrl.config import load_config  # noqa: E402
+
+REPORT_BOOT = 300  # bootstrap draws: intervals for a report, not a paper table
+
+
+def main_law_rows(df: pd.DataFrame, rollout_n: int) -> pd.DataFrame:
+    """The size sweep: tau = 1 at the study's main group size, so k(N) compares like with like."""
+    return df[(df["reuse_factor"] == 1) & (df["rollout_n"] == rollout_n)]
+
+
+def final_rows(df: pd.DataFrame) -> pd.DataFrame:
+    return df.sort_values("step").groupby("run_id").tail(1)
+
+
+def plot_reuse(df: pd.DataFrame, path: Path) -> Path | None:
+    """Final test loss against the reuse factor tau, per model (paper fig. 8)."""
+    final = final_rows(df)
+    if final["reuse_factor"].nunique() < 2:
+        return None
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    for model, g in final.groupby("model"):
+        if g["reuse_factor"].nunique() < 2:
+            continue
+        agg = g.groupby("reuse_factor")["test_loss"].agg(["mean", "std", "count"]).reset_index()
+        se = (agg["std"].fillna(0) / agg["count"] ** 0.5).where(agg["count"] > 1, g.groupby("reuse_factor")[
+            "test_loss_se"].mean().values)
+        ax.errorbar(agg["reuse_factor"], agg["mean"], yerr=se, marker="o", capsize=3, label=model)
+    ax.set_xscale("log")
+    ax.set_xlabel("reuse factor tau (fixed total data)")
+    ax.set_ylabel("final test loss 1 - pass@1")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_rollout_n(df: pd.DataFrame, path: Path) -> Path | None:
+    """Test loss against compute and data for each GRPO group size (paper fig. 13)."""
+    ab = df[df["reuse_factor"] == 1]
+    models = [m for m, g in ab.groupby("model") if g["rollout_n"].nunique() > 1]
+    if not models:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    for model in models:
+        for n, g in ab[ab["model"] == model].groupby("rollout_n"):
+            mean = g.groupby("step")[["compute_flops", "data_samples", "test_loss"]].mean()
+            mean = mean[mean["compute_flops"] > 0]
+            label = f"{model} n={n}"
+            axes[0].plot(mean["compute_flops"], mean["test_loss"], marker=".", label=label)
+            axes[1].plot(mean["data_samples"], mean["test_loss"], marker=".", label=label)
+    for ax, xl in zip(axes, ("compute C (FLOPs)", "data D (samples)")):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel(xl)
+        ax.set_ylabel("test loss")
+        ax.grid(alpha=0.3, which="both")
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def scheduler_summary(study_dir: Path, df: pd.DataFrame) -> dict[str, Any]:
+    """Compute saved by stopped trials, and whether any of them would have won."""
+    path = study_dir / "scheduler.jsonl"
+    decisions = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    stops = {d["run_id"]: d for d in decisions if d["action"] == "stop"}
+    final = final_rows(df).set_index("run_id")
+    spent = float(final["compute_flops"].sum()) if len(final) else 0.0
+    saved = sum(max(d["x_end"] - d["x_now"], 0.0) for d in stops.values())
+    finished = final.drop(index=[r for r in stops if r in final.index])
+    best = float(finished["test_loss"].min()) if len(finished) else float("nan")
+    would_win = [r for r, d in stops.items() if d["predicted"] is not None and d["predicted"] < best]
+    return {
+        "decisions": len(decisions),
+        "stopped": stops,
+        "compute_spent": spent,
+        "compute_saved": saved,
+        "saved_fraction": saved / (spent + saved) if spent + saved > 0 else 0.0,
+        "best_finished_loss": best,
+        "stopped_that_would_have_won": would_win,
+    }
+
+
+def _fit(study_dir: Path, table: Path, x: str, out: str) -> dict[str, Any]:
+    from rayrl.scaling.commands import fit_command
+    from rayrl.scaling.table import MetricsError
+
+    try:
+        return fit_command(str(table), x=x, protocol="inter", out=str(study_dir / out), n_boot=REPORT_BOOT)
+    except (MetricsError, ValueError) as e:
+        return {"status": "error", "error": str(e)}
+
+
+def _law_line(summary: dict[str, Any], axis: str) -> str:
+    law = summary.get("laws", {}).get(axis)
+    if not law:
+        return f"- {axis}: no law fitted ({summary.get('error') or summary.get('status')})"
+    ci = law.get("ci", {})
+
+    def fmt(name: str) -> str:
+        lo, hi = (ci.get(name) or [float("nan"), float("nan")])[:2]
+        return f"{name} = {law[name]:.4g} (90% CI {lo:.4g} to {hi:.4g})"
+
+    return (
+        f"- {axis}: {fmt('k_max')}, {fmt('N0')}; R² = {law['r2']:.3f}, loss = {law['cost']:.4g}, "
+        f"{law['n_points']} points from {law['n_runs']} runs of {law['n_models']} sizes"
+    )
+
+
+def write_report(study_dir: Path) -> Path:
+    """Write study_dir/report.md and its figures; returns the report's path."""
+    from rayrl.scaling.commands import plan_command
+
+    study_dir = Path(study_dir)
+    cfg = load_config(study_dir / "config.yaml")
+    df = pd.read_parquet(study_dir / "metrics.parquet")
+    scaling = main_law_rows(df, cfg.grpo.rollout_n)
+    scaling_table = study_dir / "metrics_scaling.parquet"
+    scaling.to_parquet(scaling_table, index=False)
+    fit_c = _fit(study_dir, scaling_table, "compute", "fit.json")
+    fit_d = _fit(study_dir, scaling_table, "data", "fit_data.json")
+    reuse_png = plot_reuse(df, study_dir / "reuse.png")
+    rollout_png = plot_rollout_n(df, study_dir / "rollout_n.png")
+    sched = scheduler_summary(study_dir, df)
+
+    final = final_rows(df)
+    lines = [f"# rayrl study report: {cfg.study.name}", ""]
+    lines += [f"{df['run_id'].nunique()} runs, {len(df)} metric rows, "
+              f"{final['compute_flops'].sum():.3g} FLOPs of training compute (6·N·tokens).", ""]
+    lines += ["## Runs", "", "| run | N | rollout n | tau | seed | steps | final test loss ± SE |",
+              "|---|---|---|---|---|---|---|"]
+    for _, r in final.sort_values(["n_params", "rollout_n", "reuse_factor", "seed"]).iterrows():
+        stopped = " (stopped)" if r["run_id"] in sched["stopped"] else ""
+        lines.append(f"| {r['run_id']}{stopped} | {r['n_params']:,} | {r['rollout_n']} | {r['reuse_factor']} | "
+                     f"{r['seed']} | {r['step']} | {r['test_loss']:.3f} ± {r.get('test_loss_se', float('nan')):.3f} |")
+    lines += ["", "## Scaling laws: log L = -k(N)·log X + E(N), k(N) = k_max / (1 + N0/N)", ""]
+    lines += [_law_line(fit_c, "compute"), _law_line(fit_d, "data"), ""]
+    for fit_name, x in (("fit", "compute"), ("fit_data", "data")):
+        for fig in (f"{fit_name}_loss_vs_{x}.png", f"{fit_name}_k_vs_N.png"):
+            if (study_dir / fig).exists():
+                lines += [f"![{fig}]({fig})", ""]
+    proto = fit_c.get("protocol") or {}
+    if proto:
+        lines += [f"Inter-model protocol (fit the smaller sizes, predict the largest): "
+                  f"{json.dumps({k: v for k, v in proto.items() if not isinstance(v, list | dict)})}", ""]
+    lines += ["## Data reuse", ""]
+    if reuse_png:
+        lines += ["![reuse](reuse.png)", ""]
+        reuse = json.loads((study_dir / "fit.json").read_text()).get("reuse") if (study_dir / "fit.json").exists() \
+            else None
+        if reuse is None:
+            from rayrl.scaling.planner import reuse_study
+
+            reuse = reuse_study(df)
+        lines += ["```", json.dumps(reuse, indent=1), "```", ""]
+    else:
+        lines += ["No reuse sweep in this study.", ""]
+    lines += ["## Rollout n", ""]
+    lines += ["![rollout n](rollout_n.png)", ""] if rollout_png else ["No rollout-n sweep in this study.", ""]
+    lines += ["## Planner", ""]
+    if (study_dir / "fit.json").exists() and fit_c.get("laws"):
+        top = float(final["compute_flops"].max())
+        top_d = float(final["data_samples"].max())
+        for budget in (top, 10 * top):
+            lines += ["```", plan_command(str(study_dir / "fit.json"), compute_budget=budget), "```", ""]
+        if (study_dir / "fit_data.json").exists() and fit_d.get("laws"):
+            lines += ["```", plan_command(str(study_dir / "fit_data.json"), data_budget=top_d), "```", ""]
+    else:
+        lines += ["No law to plan with (see the fit status above).", ""]
+    lines += ["## Scheduler", ""]
+    lines += [f"{sched['decisions']} decisions logged in scheduler.jsonl; {len(sched['stopped'])} trials stopped, "
+              f"saving {sched['compute_saved']:.3g} FLOPs ({sched['saved_fraction']:.1%} of what the study "
+              f"would have spent). Stopped trials predicted to beat the best finished loss "
+              f"({sched['best_finished_loss']:.3f}): {sched['stopped_that_would_have_won'] or 'none'}.", ""]
+    for run_id, d in sched["stopped"].items():
+        lines.append(f"- {run_id} at step {d['step']}: {d['reason']} (observed {d['observed']:.3f})")
+    report = study_dir / "report.md"
+    report.write_text("\n".join(lines) + "\n")
+    return report

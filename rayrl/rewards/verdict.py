@@ -1,0 +1,19 @@
+"""The result of scoring one response."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+REASONS = ("matched", "wrong", "no_answer", "timeout", "error")
+
+
+@dataclass(frozen=True)
+class Verdict:
+    score: float  # 1.0 or 0.0
+    extracted: str | None  # the answer taken from the response, None when there is none
+    reason: str  # one of REASONS
+    seconds: float = 0.0  # wall time spent scoring, for latency metrics
+
+    @staticmethod
+    def of(ok: bool, extracted: str | None) -> Verdict:
+        return Verdict(1.0 if ok else 0.0, extracted, "matched" if ok else "wrong")

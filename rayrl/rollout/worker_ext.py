@@ -1,0 +1,49 @@
+"""Weight-sync methods mixed into vLLM's worker class (`worker_extension_cls`).
+
+They run inside each vLLM worker process (one per tensor-parallel rank) and are called
+through `LLM.collective_rpc`. `self` is the vLLM worker: `self.rank` is its rank inside
+the engine and `self.reload_weights` is vLLM's in-place reload.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from rayrl.rollout.sync import SyncGroup, WeightReceiver
+
+
+class WeightSyncExtension:
+    _weight_receiver: WeightReceiver | None = None
+
+    def join_weight_sync(self, group: SyncGroup, rank_offset: int) -> None:
+        """Join a (new) sync group as rank rank_offset + this worker's rank in the engine."""
+        if self._weight_receiver is not None:
+            self._weight_receiver.close()
+        self._weight_receiver = WeightReceiver(group, rank_offset + self.rank)
+
+    def receive_weights(self) -> dict[str, int]:
+        """Receive one sync and load it; returns the tensors and bytes received."""
+        if self._weight_receiver is None:
+            raise RuntimeError("receive_weights before join_weight_sync")
+        counts = {"tensors": 0, "bytes": 0}
+        weights = _counted(self._weight_receiver.receive(), counts)
+        try:
+            # Checkpoint-format load through vLLM's layerwise reload: each layer's
+            # process_weights_after_loading runs again, so processed weights update too.
+            # Tied lm_head.weight, if sent, is skipped by the loader (it aliases embed_tokens).
+            self.reload_weights(weights_iterator=weights, is_checkpoint_format=True)
+        finally:
+            for _ in weights:  # drain what the loader left, so every rank stays in step
+                pass
+        return counts
+
+
+def _counted(
+    weights: Iterator[tuple[str, torch.Tensor]], counts: dict[str, int]
+) -> Iterator[tuple[str, torch.Tensor]]:
+    for name, tensor in weights:
+        counts["tensors"] += 1
+        counts["bytes"] += tensor.numel() * tensor.element_size()
+        yield name, tensor

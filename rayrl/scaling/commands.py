@@ -1,0 +1,267 @@
+"""`rayrl fit` and `rayrl plan`: a metrics table in, fit.json + figures out, and the planner's answer."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from rayrl.scaling.compare import compare_forms
+from rayrl.scaling.figures import plot_k_of_N, plot_loss_curves
+from rayrl.scaling.fit import FitError, MainFit, fit_main_law
+from rayrl.scaling.planner import best_size, reuse_study
+from rayrl.scaling.protocols import fit_run, inter_model, intra_model
+from rayrl.scaling.table import X_COLUMNS, MetricsError, load_metrics, to_points
+
+N_BOOT = 1000
+
+
+def _json_safe(obj):
+    """Plain JSON: numpy scalars to Python, NaN and inf to null."""
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def _run_slopes(p) -> list[dict]:
+    """Each run's own log-log slope: what is left to report when no law can be fitted."""
+    out = []
+    for run in np.unique(p.run_id):
+        i = np.flatnonzero(p.run_id == run)
+        i = i[np.argsort(p.step[i])]
+        try:
+            rf = fit_run(p.X[i], p.L[i])
+            out.append(
+                {
+                    "run_id": str(run),
+                    "N": float(p.N[i[0]]),
+                    "n_points": len(i),
+                    "k": rf.k,
+                    "E": rf.E,
+                }
+            )
+        except FitError as e:
+            out.append(
+                {"run_id": str(run), "N": float(p.N[i[0]]), "n_points": len(i), "error": str(e)}
+            )
+    return out
+
+
+def fit_table(
+    df: pd.DataFrame,
+    x: str = "compute",
+    protocol: str | None = None,
+    fit_fraction: float = 0.25,
+    family: str | None = None,
+    n_boot: int = N_BOOT,
+    E_form: str = "free",
+    loss: str = "linear",
+    source: str = "metrics",
+) -> tuple[dict, dict]:
+    """Fit the main law on every X axis the rows carry; returns (fit.json document, objects
+    for figures: points, fit and protocol result of the chosen axis).
+
+    status: "ok"; "flagged" when rows or runs were dropped or a parameter sits on a bound;
+    "partial" when the chosen axis has no law (e.g. one model size), with per-run slopes.
+    """
+    if protocol not in (None, "intra", "inter"):
+        raise ValueError(f"protocol must be 'intra', 'inter' or None, got {protocol!r}")
+    doc: dict = {"source": source, "x": x, "status": "ok", "warnings": [], "laws": {}}
+    objects: dict = {}
+    for axis, column in X_COLUMNS.items():
+        if axis != x and column not in df.columns:
+            continue
+        try:
+            p = to_points(df, axis, family, source)
+        except MetricsError as e:
+            if axis == x:
+                raise  # nothing usable on the chosen axis: a clear error, not a result
+            doc["warnings"].append(f"{axis} law: {e}")
+            continue
+        if axis == x:
+            doc["excluded_rows"] = p.excluded
+        try:
+            law = fit_main_law(p, E_form=E_form, loss=loss, n_boot=n_boot)
+        except FitError as e:
+            doc["warnings"].append(f"{axis} law: {e}")
+            if axis == x:
+                doc.update(status="partial", error=str(e), runs=_run_slopes(p))
+                objects["points"] = p
+            continue
+        doc["laws"][axis] = law.to_dict()
+        doc["warnings"] += [f"{axis} law: {w}" for w in law.warnings]
+        if axis == x:
+            objects.update(points=p, fit=law)
+    if doc["status"] == "ok" and doc["warnings"]:
+        doc["status"] = "flagged"
+    if protocol and "fit" in objects:
+        p = objects["points"]
+        try:
+            result = intra_model(p, fit_fraction) if protocol == "intra" else inter_model(p)
+            objects["protocol"] = result
+            doc["protocol"] = {k: v for k, v in result.items() if k != "predictions"}
+            doc["comparison"] = compare_forms(p, fit_fraction)
+        except FitError as e:
+            doc["protocol"] = {"protocol": protocol, "error": str(e)}
+            doc["status"] = "flagged"
+    if "reuse_factor" in df.columns and df["reuse_factor"].nunique() > 1:
+        rows = df if family is None else df[df["family"].astype(str) == family]
+        doc["reuse"] = reuse_study(rows)
+    return _json_safe(doc), objects
+
+
+def write_json(doc: dict, path: Path) -> None:
+    """Write atomically: readers (the report, `rayrl plan`) never see half a file."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=1))
+    os.replace(tmp, path)
+
+
+def fit_command(
+    metrics: str,
+    x: str = "compute",
+    protocol: str | None = None,
+    fit_fraction: float = 0.25,
+    out: str = "fit.json",
+    figures: bool = True,
+    family: str | None = None,
+    n_boot: int = N_BOOT,
+    E_form: str = "free",
+    loss: str = "linear",
+) -> dict:
+    """Read METRICS.{parquet,csv}, fit, write fit.json and PNG figures beside it; return the
+    summary (fit.json without the bootstrap draws). Raises MetricsError on unusable input."""
+    doc, objects = fit_table(
+        load_metrics(metrics),
+        x,
+        protocol,
+        fit_fraction,
+        family,
+        n_boot,
+        E_form,
+        loss,
+        source=str(metrics),
+    )
+    out_path = Path(out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    if figures and "fit" in objects:
+        stem = out_path.with_suffix("")
+        doc["figures"] = [
+            str(
+                plot_loss_curves(
+                    objects["points"],
+                    objects["fit"],
+                    f"{stem}_loss_vs_{x}.png",
+                    objects.get("protocol"),
+                )
+            ),
+            str(plot_k_of_N(objects["fit"], f"{stem}_k_vs_N.png")),
+        ]
+    write_json(doc, out_path)
+    summary = {**doc, "out": str(out_path)}
+    summary["laws"] = {
+        a: {k: v for k, v in law.items() if k != "draws"} for a, law in doc["laws"].items()
+    }
+    return summary
+
+
+def _format_best(answer: dict, eq: str, unit: str) -> list[str]:
+    b = answer["best"]
+    interval = f" [{b['lo']:.4f}, {b['hi']:.4f}]" if "lo" in b else ""
+    lines = [
+        f"{answer['axis']} budget {answer['budget']:.3g} {unit} ({eq}): best model {b['model']} "
+        f"(N = {b['N']:.3g}), predicted test loss {b['test_loss']:.4f}{interval}",
+        f"  {'model':>8} {'N':>9} {'loss':>7} {'interval':>17} {'P(best)':>8}",
+    ]
+    for c in answer["candidates"]:
+        interval = f"[{c['lo']:.3f}, {c['hi']:.3f}]" if "lo" in c else ""
+        p_best = f"{c['p_best']:.2f}" if "p_best" in c else ""
+        flag = "  (extrapolated)" if c["extrapolated"] else ""
+        lines.append(
+            f"  {c['model']:>8} {c['N']:9.3g} {c['test_loss']:7.4f} {interval:>17} {p_best:>8}{flag}"
+        )
+    return lines
+
+
+def plan_command(
+    fit_json: str, compute_budget: float | None = None, data_budget: float | None = None
+) -> str:
+    """The planner's printable answer: eq. 5 for a FLOPs budget, eq. 7 for a unique-data budget,
+    eq. 9 when the fit holds a reuse study."""
+    doc = json.loads(Path(fit_json).read_text())
+    lines = [f"{fit_json}: status {doc.get('status')}"]
+    for budget, axis, eq, unit in (
+        (compute_budget, "compute", "eq. 5", "FLOPs"),
+        (data_budget, "data", "eq. 7", "samples"),
+    ):
+        if budget is None:
+            continue
+        if axis not in doc.get("laws", {}):
+            lines.append(
+                f"{axis} budget: {fit_json} has no {axis}-axis law ({doc.get('error', 'not fitted')})"
+            )
+            continue
+        lines += _format_best(best_size(MainFit.from_dict(doc["laws"][axis]), budget), eq, unit)
+    for size in doc.get("reuse", {}).get("sizes", []):
+        if "error" in size:
+            lines.append(f"reuse (eq. 9), N = {size['n_params']:.3g}: {size['error']}")
+            continue
+        lines.append(
+            f"reuse (eq. 9), N = {size['n_params']:.3g}: tau* = {size['tau_star']:g} is the largest reuse factor "
+            f"within noise of tau = 1; lowest loss at tau = {size['tau_min_loss']:g}"
+            + ("" if size["same_D_total"] in (True, None) else " (warning: runs differ in D_total)")
+        )
+        for t in size["taus"]:
+            within = {True: "within noise", False: "worse", None: "noise unknown"}[
+                t["within_noise"]
+            ]
+            lines.append(
+                f"  tau {t['tau']:>6g}: loss {t['test_loss']:.4f} ± {t['se']:.4f} (n={t['n_runs']}), {within}"
+            )
+    if len(lines) == 1:
+        lines.append(
+            "nothing to plan: give a compute or data budget, or fit a table with a reuse study"
+        )
+    return "\n".join(lines)
+
+
+def add_arguments_fit(parser: argparse.ArgumentParser) -> None:
+    """Flags of `rayrl fit`; dests match fit_command's parameters."""
+    parser.add_argument("metrics", help="METRICS.parquet or METRICS.csv")
+    parser.add_argument("--x", choices=sorted(X_COLUMNS), default="compute")
+    parser.add_argument("--protocol", choices=["intra", "inter"], default=None)
+    parser.add_argument("--fit-fraction", dest="fit_fraction", type=float, default=0.25)
+    parser.add_argument("--out", default="fit.json")
+    parser.add_argument("--no-figures", dest="figures", action="store_false")
+    parser.add_argument("--family", default=None, help="model family, when the table holds several")
+    parser.add_argument("--n-boot", dest="n_boot", type=int, default=N_BOOT)
+    parser.add_argument("--E-form", dest="E_form", choices=["free", "smooth"], default="free")
+    parser.add_argument("--loss", choices=["linear", "huber"], default="linear")
+
+
+def add_arguments_plan(parser: argparse.ArgumentParser) -> None:
+    """Flags of `rayrl plan`; dests match plan_command's parameters."""
+    parser.add_argument("fit_json", help="fit.json written by `rayrl fit` or the FitterActor")
+    parser.add_argument("--compute-budget", dest="compute_budget", type=float, default=None)
+    parser.add_argument("--data-budget", dest="data_budget", type=float, default=None)
+
+
+__all__ = [
+    "MetricsError",
+    "add_arguments_fit",
+    "add_arguments_plan",
+    "fit_command",
+    "fit_table",
+    "plan_command",
+]

@@ -1,0 +1,100 @@
+"""Figures in the paper's style: loss against C or D per size on log-log axes with the fitted
+law and its extrapolation (fig. 2-4), and k(N) against N with the saturation curve (fig. 5).
+
+Figure objects are used directly (Agg canvas, no pyplot state), so this is safe in actors.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from rayrl.scaling.bootstrap import percentile_ci
+from rayrl.scaling.fit import MainFit
+from rayrl.scaling.table import Points
+
+AXIS_LABEL = {"compute": "training compute C (FLOPs)", "data": "training data D (samples)"}
+EXTRAPOLATE = 10.0  # draw each size's law to 10x its last X
+
+
+def plot_loss_curves(
+    p: Points, fit: MainFit, path: str | Path, protocol: dict | None = None
+) -> Path:
+    """Mean L per size and step, the fitted law over the observed X (solid) and beyond (dashed);
+    with a protocol result, its predictions and intervals on the held-out points."""
+    fig = Figure(figsize=(7, 5))
+    ax = fig.add_subplot()
+    colors = {N: f"C{i}" for i, N in enumerate(np.unique(p.N))}
+    mean = (
+        pd.DataFrame({"N": p.N, "step": p.step, "X": p.X, "L": p.L}).groupby(["N", "step"]).mean()
+    )
+    for N, g in mean.groupby(level="N"):
+        ax.scatter(
+            g["X"],
+            g["L"],
+            s=6,
+            alpha=0.5,
+            color=colors[N],
+            label=p.labels.get(N, f"{N / 1e9:.3g}B"),
+        )
+    for i, N in enumerate(fit.sizes):
+        lo, hi = fit.x_range[i]
+        for a, b, style in ((lo, hi, "-"), (hi, hi * EXTRAPOLATE, "--")):
+            X = np.geomspace(a, b, 50)
+            ax.plot(X, np.exp(fit.log_loss(N, X)), style, color=colors.get(N, "k"), lw=1.2)
+    if protocol is not None:
+        pred = protocol["predictions"]
+        held = pred[pred["held_out"]].groupby(["N", "X"]).mean(numeric_only=True).reset_index()
+        for N, g in held.groupby("N"):
+            ax.plot(g["X"], g["pred"], ":", color="k", lw=1.5)
+            ax.fill_between(g["X"], g["lo"], g["hi"], color=colors.get(N, "k"), alpha=0.15, lw=0)
+        ax.plot([], [], ":", color="k", label=f"{protocol['protocol']}-model prediction")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel(AXIS_LABEL[fit.x_name])
+    ax.set_ylabel("test loss L = 1 - pass@1")
+    ax.set_title(
+        f"log L = -k(N) log X + E(N); k_max {fit.k_max:.3g}, N0 {fit.N0 / 1e9:.3g}B, R² {fit.r2:.3f}"
+    )
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return Path(path)
+
+
+def plot_k_of_N(fit: MainFit, path: str | Path) -> Path:
+    """Each size's own slope with its run-to-run error bar, and k(N) = k_max / (1 + N0 / N) with
+    the bootstrap interval and the k_max asymptote."""
+    fig = Figure(figsize=(6, 4.5))
+    ax = fig.add_subplot()
+    sizes = np.asarray(fit.sizes)
+    se = np.nan_to_num(np.asarray(fit.k_hat_se))
+    ax.errorbar(
+        sizes,
+        fit.k_hat,
+        yerr=1.645 * se,
+        fmt="o",
+        color="C0",
+        capsize=3,
+        label="per-size slope (90%)",
+    )
+    N = np.geomspace(sizes.min() / 3, sizes.max() * 10, 200)
+    ax.plot(
+        N, fit.k(N), color="C1", label=f"k(N) = {fit.k_max:.3g} / (1 + {fit.N0 / 1e9:.3g}B / N)"
+    )
+    if fit.draws:
+        lo, hi = percentile_ci(fit.k_draws(N).T, fit.level)
+        ax.fill_between(
+            N, lo, hi, color="C1", alpha=0.2, lw=0, label=f"{fit.level:.0%} bootstrap interval"
+        )
+    ax.axhline(fit.k_max, ls="--", color="grey", lw=1, label="k_max")
+    ax.set_xscale("log")
+    ax.set_xlabel("non-embedding parameters N")
+    ax.set_ylabel(f"learning efficiency k ({fit.x_name})")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return Path(path)

@@ -1,0 +1,111 @@
+"""`rayrl fit` / `rayrl plan` through fit_command and plan_command, as the CLI calls them."""
+
+import argparse
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from rayrl.scaling.commands import add_arguments_fit, add_arguments_plan, fit_command, plan_command
+from rayrl.scaling.synthetic import make_metrics, make_reuse_metrics
+from rayrl.scaling.table import MetricsError
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def strict_json(path):
+    return json.loads(
+        path.read_text(), parse_constant=lambda c: pytest.fail(f"{path}: non-JSON {c}")
+    )
+
+
+@pytest.fixture(scope="module")
+def metrics(tmp_path_factory):
+    path = tmp_path_factory.mktemp("m") / "metrics.parquet"
+    make_metrics(seed=31).to_parquet(path)
+    return path
+
+
+@pytest.mark.parametrize("protocol", ["intra", "inter"])
+def test_fit_writes_fit_json_and_figures(metrics, tmp_path, protocol):
+    out = tmp_path / "fit.json"
+    summary = fit_command(str(metrics), protocol=protocol, out=str(out), n_boot=50)
+    doc = strict_json(out)
+    assert doc["status"] == summary["status"] == "ok"
+    assert set(doc["laws"]) == {"compute", "data"} and len(doc["laws"]["compute"]["draws"]) == 50
+    assert "draws" not in summary["laws"]["compute"]
+    law = doc["laws"]["compute"]
+    assert law["r2"] > 0.99 and law["n_points"] == 2100 and law["ci"]["k_max"][0] < law["k_max"]
+    assert doc["protocol"]["protocol"] == protocol and doc["protocol"]["mae"] < 0.03
+    assert doc["comparison"]["forms"][0]["mae"] <= doc["comparison"]["forms"][-1]["mae"]
+    assert [p.split("/")[-1] for p in doc["figures"]] == [
+        "fit_loss_vs_compute.png",
+        "fit_k_vs_N.png",
+    ]
+    for p in doc["figures"]:
+        assert open(p, "rb").read(8) == PNG
+
+
+def test_plan_answers_compute_and_data_budgets(metrics, tmp_path):
+    out = tmp_path / "fit.json"
+    fit_command(str(metrics), out=str(out), figures=False, n_boot=50)
+    text = plan_command(str(out), compute_budget=1e21, data_budget=2e5)
+    assert "compute budget 1e+21 FLOPs (eq. 5): best model 72B" in text
+    assert "data budget 2e+05 samples (eq. 7): best model 72B" in text
+    assert "P(best)" in text
+    assert "nothing to plan" in plan_command(str(out))
+
+
+def test_plan_answers_the_reuse_question(tmp_path):
+    csv = tmp_path / "reuse.csv"
+    make_reuse_metrics().to_csv(csv, index=False)
+    summary = fit_command(str(csv), out=str(tmp_path / "fit.json"), n_boot=20)
+    assert summary["status"] == "partial"  # one model size: no k(N), but the reuse study stands
+    text = plan_command(str(tmp_path / "fit.json"), compute_budget=1e20)
+    assert "tau* = 25 is the largest reuse factor within noise of tau = 1" in text
+    assert "has no compute-axis law" in text
+
+
+def test_bad_rows_give_a_flagged_fit_and_unusable_files_a_clear_error(tmp_path):
+    df = make_metrics(seed=32)
+    df.loc[:9, "test_loss"] = np.nan
+    df.loc[10:14, "test_loss"] = -1.0
+    csv = tmp_path / "bad.csv"
+    df.to_csv(csv, index=False)
+    summary = fit_command(str(csv), out=str(tmp_path / "fit.json"), figures=False, n_boot=0)
+    assert summary["status"] == "flagged"
+    assert summary["excluded_rows"] == {"test_loss is NaN": 10, "test_loss outside (0, 1]": 5}
+    with pytest.raises(MetricsError, match="no such metrics file"):
+        fit_command(str(tmp_path / "missing.parquet"))
+    (tmp_path / "m.txt").write_text("x")
+    with pytest.raises(MetricsError, match="expected a .parquet or .csv"):
+        fit_command(str(tmp_path / "m.txt"))
+    df[["run_id", "step"]].to_csv(tmp_path / "thin.csv", index=False)
+    with pytest.raises(MetricsError, match="missing column"):
+        fit_command(str(tmp_path / "thin.csv"))
+
+
+def test_argument_helpers_match_the_command_signatures(metrics, tmp_path):
+    fit_parser, plan_parser = argparse.ArgumentParser(), argparse.ArgumentParser()
+    add_arguments_fit(fit_parser)
+    add_arguments_plan(plan_parser)
+    out = tmp_path / "f.json"
+    args = fit_parser.parse_args(
+        [str(metrics), "--x", "data", "--out", str(out), "--no-figures", "--n-boot", "10"]
+    )
+    assert fit_command(**vars(args))["x"] == "data"
+    args = plan_parser.parse_args([str(out), "--data-budget", "1e5"])
+    assert "eq. 7" in plan_command(**vars(args))
+
+
+def test_two_families_need_a_choice(metrics, tmp_path):
+    both = pd.concat([pd.read_parquet(metrics), pd.read_parquet(metrics).assign(family="instruct")])
+    path = tmp_path / "both.parquet"
+    both.to_parquet(path)
+    with pytest.raises(MetricsError, match="families"):
+        fit_command(str(path), figures=False, n_boot=0, out=str(tmp_path / "f.json"))
+    summary = fit_command(
+        str(path), family="instruct", figures=False, n_boot=0, out=str(tmp_path / "f.json")
+    )
+    assert summary["laws"]["compute"]["n_runs"] == 21

@@ -1,0 +1,103 @@
+"""The FitterActor on real Ray: rows on disk before the ack, survival of a kill, served fits."""
+
+import time
+
+import pandas as pd
+import pytest
+
+from rayrl.scaling import fitter as fitter_module
+from rayrl.scaling.fitter import NAMESPACE, Fitter, get_or_create_fitter
+from rayrl.scaling.synthetic import make_metrics
+
+
+@pytest.fixture(scope="module")
+def rows():
+    return make_metrics(seed=41, points=30).to_dict("records")
+
+
+def on_disk(out_dir) -> pd.DataFrame:
+    return pd.concat([pd.read_parquet(f) for f in sorted((out_dir / "rows").glob("*.parquet"))])
+
+
+def wait_for(predicate, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_rows_are_persisted_before_ack_and_survive_a_kill(ray_session, tmp_path, rows):
+    ray = ray_session
+    actor = get_or_create_fitter("test-fitter-kill", str(tmp_path))
+    try:
+        for i in range(0, len(rows), 90):
+            held = ray.get(actor.add_rows.remote(rows[i : i + 90]))
+            # The ack comes after the batch is on disk: every acknowledged row is readable now.
+            assert (
+                len(on_disk(tmp_path).drop_duplicates(["run_id", "step"]))
+                == held
+                == min(i + 90, len(rows))
+            )
+        assert ray.get(actor.add_rows.remote(rows[:90])) == len(
+            rows
+        )  # a retried batch adds nothing
+        before = ray.get(actor.refit.remote())
+        assert before["status"] == "ok" and not before["stale"] and before["n_runs"] == 21
+        run_id = rows[-1]["run_id"]
+        final = ray.get(actor.predict_final.remote(run_id, 1e21))
+
+        ray.kill(actor, no_restart=False)
+        again = ray.get_actor("test-fitter-kill", namespace=NAMESPACE)
+        assert len(ray.get(again.rows.remote())) == len(rows)
+        assert ray.get(again.predict_final.remote(run_id, 1e21)) == final
+        assert ray.get(again.summary.remote())["laws"]["compute"]["k_max"] == pytest.approx(
+            before["laws"]["compute"]["k_max"]
+        )
+        pred = ray.get(again.predict.remote(72e9, 1e21))
+        assert pred["lo"] < pred["test_loss"] < pred["hi"]
+        plan = ray.get(again.planner.remote(compute_budget=1e21, data_budget=2e5))
+        assert plan["compute"]["best"]["N"] == 72e9 and plan["data"]["best"]["N"] == 72e9
+        assert (tmp_path / "fit.json").is_file()
+    finally:
+        ray.kill(ray.get_actor("test-fitter-kill", namespace=NAMESPACE), no_restart=True)
+
+
+def test_refits_in_the_background_and_answers_the_scheduler(ray_session, tmp_path, rows):
+    ray = ray_session
+    actor = get_or_create_fitter("test-fitter-debounce", str(tmp_path))
+    try:
+        assert ray.get(actor.summary.remote())["status"] == "empty"
+        assert ray.get(actor.predict_final.remote("nobody", 1e20)) is None
+        ray.get(actor.add_rows.remote(rows))
+        assert wait_for(lambda: not ray.get(actor.summary.remote())["stale"])
+        assert ray.get(actor.summary.remote())["fitted_rows"] == len(rows)
+        first = rows[0]["run_id"]
+        early = [r for r in rows if r["run_id"] == first][:2]
+        ray.get(actor.add_rows.remote([{**r, "run_id": "newcomer"} for r in early]))
+        pred = ray.get(actor.predict_final.remote("newcomer", 1e19))
+        assert (
+            pred["k_source"] == "prior"
+            and pred["lo"] < pred["mean"] == pred["test_loss"] < pred["hi"]
+        )
+        with pytest.raises(ray.exceptions.RayTaskError, match="lack column"):
+            ray.get(actor.add_rows.remote([{"run_id": "x", "step": 1}]))
+    finally:
+        ray.kill(actor, no_restart=True)
+
+
+def test_compaction_keeps_every_row_and_a_crash_midway_loses_none(tmp_path, rows, monkeypatch):
+    monkeypatch.setattr(fitter_module, "COMPACT_AFTER", 3)
+    f = Fitter(str(tmp_path), min_interval_s=3600)
+    batches = [rows[i : i + 50] for i in range(0, 350, 50)]
+    for b in batches:
+        f.add_rows(b)
+    names = sorted(p.name for p in (tmp_path / "rows").iterdir())
+    assert names[0].startswith("compact-") and len(names) < len(batches)
+    assert len(Fitter(str(tmp_path), min_interval_s=3600).rows()) == 350
+    # A crash after writing a compact file but before deleting its parts: both are on disk.
+    stale = tmp_path / "rows" / "part-00000001.parquet"
+    pd.DataFrame(batches[0]).to_parquet(stale)
+    reloaded = Fitter(str(tmp_path), min_interval_s=3600)
+    assert len(reloaded.rows()) == 350 and reloaded.add_rows(rows[350:400]) == 400
