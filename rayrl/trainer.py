@@ -216,6 +216,7 @@ class Run:
             state = json.loads((ckpt_dir / "latest.json").read_text())
             self.learners.load(str(ckpt_dir), f"step{state['step']}")
             self.rollout.sync_weights()
+            print(f"{spec.run_id}: resumed from step {state['step']}", flush=True)
         # Steps after the checkpoint are recomputed, so their records go.
         self.metrics.truncate_after(state["step"])
         truncate_jsonl(self.dir / "steps.jsonl", state["step"])

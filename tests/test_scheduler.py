@@ -14,17 +14,25 @@ def fake_predict(table):
 
 
 def test_rule_waits_for_grace_then_stops_only_a_clear_loser():
-    preds = {"me": {"mean": 0.6, "lo": 0.55, "hi": 0.65}, "rival": {"mean": 0.4, "lo": 0.35, "hi": 0.45}}
+    preds = {
+        "me": {"mean": 0.6, "lo": 0.55, "hi": 0.65},
+        "rival": {"mean": 0.4, "lo": 0.35, "hi": 0.45},
+    }
     early = decide("me", 2, 10, 2.0, 0.7, 0.25, fake_predict(preds), {"rival": 10.0})
     assert early.action == "continue" and "grace" in early.reason
     d = decide("me", 5, 10, 5.0, 0.7, 0.25, fake_predict(preds), {"rival": 10.0})
     assert d.action == "stop" and d.rival == "rival" and d.x_end == pytest.approx(10.0)
     # overlapping intervals: keep going
     preds["rival"] = {"mean": 0.5, "lo": 0.45, "hi": 0.56}
-    assert decide("me", 5, 10, 5.0, 0.7, 0.25, fake_predict(preds), {"rival": 10.0}).action == "continue"
+    assert (
+        decide("me", 5, 10, 5.0, 0.7, 0.25, fake_predict(preds), {"rival": 10.0}).action
+        == "continue"
+    )
     # no rival or no prediction: keep going
     assert decide("me", 5, 10, 5.0, 0.7, 0.25, fake_predict(preds), {}).action == "continue"
-    assert decide("me", 5, 10, 5.0, 0.7, 0.25, fake_predict({}), {"rival": 10.0}).action == "continue"
+    assert (
+        decide("me", 5, 10, 5.0, 0.7, 0.25, fake_predict({}), {"rival": 10.0}).action == "continue"
+    )
 
 
 def test_rival_is_judged_at_most_at_its_own_end():
@@ -56,9 +64,21 @@ def law_trainable(config):
     for step in range(1, STEPS + 1):
         C = 6 * N * 2e5 * step
         L = float(np.exp(-k * np.log(C) + E) + 0.003 * rng.standard_normal())
-        row = {"run_id": name, "family": "law", "model": name, "n_params": N, "step": step,
-               "compute_flops": C, "data_samples": 512 * step, "unique_samples": 512 * step,
-               "rollout_n": 8, "reuse_factor": 1, "seed": 0, "test_loss": L, "test_loss_se": 0.003}
+        row = {
+            "run_id": name,
+            "family": "law",
+            "model": name,
+            "n_params": N,
+            "step": step,
+            "compute_flops": C,
+            "data_samples": 512 * step,
+            "unique_samples": 512 * step,
+            "rollout_n": 8,
+            "reuse_factor": 1,
+            "seed": 0,
+            "test_loss": L,
+            "test_loss_se": 0.003,
+        }
         import ray
 
         ray.get(fitter.add_rows.remote([row]))
@@ -68,19 +88,30 @@ def law_trainable(config):
 def run_law_study(tmp_path, enabled):
     from ray import tune
 
-    sched = ScalingLawScheduler(fitter_name=f"law-{enabled}", grace_fraction=0.25, enabled=enabled,
-                                log_path=str(tmp_path / f"sched-{enabled}.jsonl"))
+    sched = ScalingLawScheduler(
+        fitter_name=f"law-{enabled}",
+        grace_fraction=0.25,
+        enabled=enabled,
+        log_path=str(tmp_path / f"sched-{enabled}.jsonl"),
+    )
     trainable = tune.with_resources(law_trainable, {"cpu": 0.5})
     tuner = tune.Tuner(
         trainable,
-        param_space={"model": tune.grid_search(list(SIZES)), "fitter": f"law-{enabled}",
-                     "out": str(tmp_path / f"fitter-{enabled}")},
+        param_space={
+            "model": tune.grid_search(list(SIZES)),
+            "fitter": f"law-{enabled}",
+            "out": str(tmp_path / f"fitter-{enabled}"),
+        },
         tune_config=tune.TuneConfig(scheduler=sched, max_concurrent_trials=3),
-        run_config=tune.RunConfig(storage_path=str(tmp_path / "tune"), name=f"law-{enabled}", verbose=0),
+        run_config=tune.RunConfig(
+            storage_path=str(tmp_path / "tune"), name=f"law-{enabled}", verbose=0
+        ),
     )
     results = tuner.fit()
     last = {r.config["model"]: r.metrics for r in results}
-    decisions = [json.loads(x) for x in (tmp_path / f"sched-{enabled}.jsonl").read_text().splitlines()]
+    decisions = [
+        json.loads(x) for x in (tmp_path / f"sched-{enabled}.jsonl").read_text().splitlines()
+    ]
     return last, decisions
 
 
