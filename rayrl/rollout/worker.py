@@ -134,5 +134,6 @@ class RolloutWorker:
     def receive_weights(self) -> dict[str, int]:
         counts = self.llm.collective_rpc("receive_weights")
         # Cached prefixes hold KV computed with the old weights.
-        self.llm.reset_prefix_cache()
+        if not self.llm.reset_prefix_cache():
+            raise RuntimeError("vLLM could not reset its prefix cache after a weight sync")
         return counts[0]

@@ -37,7 +37,20 @@ class WeightSyncExtension:
         finally:
             for _ in weights:  # drain what the loader left, so every rank stays in step
                 pass
+        self._retie_lm_head()
         return counts
+
+    def _retie_lm_head(self) -> None:
+        """A tied lm_head loads nothing of its own, so the reload puts back its old kernel
+        tensors (on CPU, a packed copy of the old embedding); point it at the new embedding
+        and rebuild its processed form."""
+        model = self.model_runner.model
+        lm_head = getattr(model, "lm_head", None)
+        embed = getattr(getattr(model, "model", None), "embed_tokens", None)
+        if not getattr(model.config, "tie_word_embeddings", False) or lm_head is None or embed is None:
+            return
+        lm_head.weight = embed.weight
+        lm_head.quant_method.process_weights_after_loading(lm_head)
 
 
 def _counted(
