@@ -52,7 +52,9 @@ class LadderConfig:
     pretrain_tokens_per_param: float = 400.0
     pretrain_min_steps: int = 300
     pretrain_batch: int = 64
+    # The rate at pretrain_lr_width; wider models take lr * width / hidden (muP for Adam).
     pretrain_lr: float = 3e-3
+    pretrain_lr_width: int = 32
     eval_problems: int = 200  # held-out problems behind the table's pass@1
     eval_samples: int = 4  # samples per problem at grpo.eval_temperature
     seed: int = 0
@@ -382,7 +384,13 @@ def validate(cfg: Config) -> None:
         "a non-negative number",
         lad.pretrain_tokens_per_param,
     )
-    for name in ("pretrain_min_steps", "pretrain_batch", "eval_problems", "eval_samples"):
+    for name in (
+        "pretrain_min_steps",
+        "pretrain_batch",
+        "pretrain_lr_width",
+        "eval_problems",
+        "eval_samples",
+    ):
         need(getattr(lad, name) > 0, f"ladder.{name}", "a positive integer", getattr(lad, name))
     need(lad.pretrain_lr > 0, "ladder.pretrain_lr", "a positive learning rate", lad.pretrain_lr)
     if (

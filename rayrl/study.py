@@ -9,6 +9,7 @@ kept, unfinished ones continue from their last checkpoint.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -121,6 +122,8 @@ def run_study(cfg: Config, scheduler: bool = True, out_dir: str | None = None) -
         parameter_columns={f"trial/{k}": k for k in ("model", "rollout_n", "reuse_factor", "seed")},
         max_report_frequency=30,
     )
+    # The classic table reporter: the new output engine ignores our live-table columns.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     tune_dir = study_dir / "tune"
     if tune.Tuner.can_restore(str(tune_dir / cfg.study.name)):
         tuner = tune.Tuner.restore(
@@ -141,13 +144,26 @@ def run_study(cfg: Config, scheduler: bool = True, out_dir: str | None = None) -
                 verbose=1,
             ),
         )
-    tuner.fit()
+    results = tuner.fit()
 
     metrics = collect_metrics(study_dir)
+    if metrics.empty:
+        raise RuntimeError(
+            f"{study_dir}: no trial recorded a metric row; trial errors: {trial_errors(results)}"
+        )
     metrics.to_parquet(study_dir / "metrics.parquet", index=False)
     catch_up(fitter, metrics)
     write_report(study_dir)
+    if results.errors:
+        raise RuntimeError(
+            f"{len(results.errors)} trial(s) failed (report written with the rest): "
+            f"{trial_errors(results)}"
+        )
     return study_dir
+
+
+def trial_errors(results: Any) -> list[str]:
+    return [f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}" for e in results.errors]
 
 
 def catch_up(fitter: Any, metrics: pd.DataFrame) -> None:

@@ -122,6 +122,7 @@ class Run:
             max_model_len=g.max_prompt_tokens + g.max_new_tokens,
             num_cpus_per_worker=r.cpus_per_actor,
             seed=spec.seed,
+            name=f"rollout:{spec.run_id}",
         )
         self.rewards = RewardPool(
             num_workers=r.reward_workers, num_cpus_per_worker=min(r.cpus_per_actor, 0.5)

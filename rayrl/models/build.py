@@ -52,6 +52,11 @@ def non_embedding_params(spec: ModelSpec) -> int:
     return count_params(init_model(spec, build_tokenizer()))[1]
 
 
+def pretrain_lr(cfg: Config, spec: ModelSpec) -> float:
+    """Adam's learning rate falls as 1/width (muP): wide models diverge at a narrow one's rate."""
+    return cfg.ladder.pretrain_lr * cfg.ladder.pretrain_lr_width / spec.hidden
+
+
 def build_model(
     cfg: Config, spec: ModelSpec, steps: int, out: Path, on_steps: Callable[[int], None] | None
 ) -> LadderEntry:
@@ -69,7 +74,7 @@ def build_model(
             tokenizer,
             steps,
             lad.pretrain_batch,
-            lad.pretrain_lr,
+            pretrain_lr(cfg, spec),
             data.max_digits,
             set(test),
             seed=lad.seed,

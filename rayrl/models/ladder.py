@@ -50,6 +50,7 @@ def cache_key(cfg: Config, spec: ModelSpec) -> str:
             lad.pretrain_min_steps,
             lad.pretrain_batch,
             lad.pretrain_lr,
+            lad.pretrain_lr_width,
             lad.seed,
         ],
         "eval": [lad.eval_problems, lad.eval_samples, cfg.grpo.eval_temperature],
@@ -143,44 +144,56 @@ def _build_all(
     steps = [pretrain_steps(cfg, n) for n in sizes]
     dirs = [_model_dir(root, cfg, s) for s in specs]
     workers = min(len(specs), os.cpu_count() or 1)
-    desc = f"pre-training {', '.join(s.name for s in specs)}"
+    # The bar counts steps weighted by N, i.e. training FLOPs, so its time estimate holds.
     with tqdm(
-        total=sum(steps), desc=desc, unit="step", disable=not progress, mininterval=1.0
+        total=sum(n * s for n, s in zip(steps, sizes)),
+        desc=f"pre-training {', '.join(s.name for s in specs)}",
+        bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining}",
+        disable=not progress,
+        mininterval=1.0,
     ) as bar:
         if workers == 1:
-            return [build_model(cfg, s, n, d, bar.update) for s, n, d in zip(specs, steps, dirs)]
+            return [
+                build_model(cfg, s, n, d, lambda k, w=w: bar.update(k * w))
+                for s, n, d, w in zip(specs, steps, dirs, sizes)
+            ]
         ctx = mp.get_context("spawn")  # fork after torch has started threads can hang
-        done_steps = ctx.Queue()
-        with ProcessPoolExecutor(workers, ctx, _init_worker, (done_steps,)) as pool:
+        done = ctx.Queue()
+        with ProcessPoolExecutor(workers, ctx, _init_worker, (done,)) as pool:
             # Largest first, so that the longest build starts at once.
             order = sorted(range(len(specs)), key=lambda i: -steps[i] * sizes[i])
             futures = {
-                i: pool.submit(_worker_build, cfg, specs[i], steps[i], dirs[i]) for i in order
+                i: pool.submit(_worker_build, cfg, specs[i], steps[i], dirs[i], sizes[i])
+                for i in order
             }
             pending = set(futures.values())
             while pending:
                 _, pending = wait(pending, timeout=0.5)
-                _drain(done_steps, bar)
-            _drain(done_steps, bar)
+                _drain(done, bar)
+            _drain(done, bar)
             return [futures[i].result() for i in range(len(specs))]
 
 
 _progress: mp.Queue | None = None
 
 
-def _init_worker(done_steps: mp.Queue) -> None:
+def _init_worker(done: mp.Queue) -> None:
     global _progress
-    _progress = done_steps
+    _progress = done
 
 
-def _worker_build(cfg: Config, spec: ModelSpec, steps: int, out: Path) -> LadderEntry:
-    return build_model(cfg, spec, steps, out, _progress.put if _progress else None)
+def _worker_build(cfg: Config, spec: ModelSpec, steps: int, out: Path, weight: int) -> LadderEntry:
+    def report(k: int) -> None:
+        if _progress is not None:
+            _progress.put(k * weight)
+
+    return build_model(cfg, spec, steps, out, report)
 
 
-def _drain(done_steps: mp.Queue, bar: tqdm) -> None:
+def _drain(done: mp.Queue, bar: tqdm) -> None:
     while True:
         try:
-            bar.update(done_steps.get_nowait())
+            bar.update(done.get_nowait())
         except queue.Empty:
             return
 

@@ -61,6 +61,7 @@ class RolloutPool:
         num_cpus_per_worker: float = 1,
         seed: int = 0,
         max_restarts: int = 3,
+        name: str | None = None,
     ) -> None:
         if device not in ("cpu", "gpu"):
             raise ValueError(f"RolloutPool.device: expected 'cpu' or 'gpu', got {device!r}")
@@ -80,7 +81,11 @@ class RolloutPool:
             enforce_eager=device == "cpu",
         )
         self._seed = seed
-        self._actor_cls = ray.remote(RolloutWorker).options(
+        self._name = (
+            name  # workers become named actors "<name>/<index>.<restarts>" (namespace rayrl)
+        )
+        self._actor_cls = ray.remote(RolloutWorker)
+        self._actor_options = dict(
             num_cpus=num_cpus_per_worker,
             num_gpus=tensor_parallel if device == "gpu" else 0,
             runtime_env={"env_vars": actor_env(device, num_cpus_per_worker)},
@@ -225,7 +230,12 @@ class RolloutPool:
 
     def _start(self, index: int) -> Any:
         # A distinct engine seed per worker: unseeded requests must not repeat across workers.
-        return self._actor_cls.remote(**self._engine_args, seed=self._seed + index)
+        options = dict(self._actor_options)
+        if self._name:
+            options.update(name=f"{self._name}/{index}.{self.restarts}", namespace="rayrl")
+        return self._actor_cls.options(**options).remote(
+            **self._engine_args, seed=self._seed + index
+        )
 
     def shutdown(self) -> None:
         for w in self.workers:

@@ -1,0 +1,166 @@
+"""The smoke study end to end: Tune, the FitterActor, faults, resume, report, and `ray job submit`."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import ray
+
+from rayrl.config import load_config
+from rayrl.study import run_study
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "configs" / "smoke.yaml"
+pytestmark = [pytest.mark.e2e, pytest.mark.vllm]
+
+
+def wait_for(predicate, timeout=300.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            found = predicate()
+        except Exception:  # noqa: BLE001 - the thing is not there yet
+            found = None
+        if found:
+            return found
+        time.sleep(0.5)
+    raise TimeoutError
+
+
+def saboteur(cfg, study_dir, log):
+    """Kill the FitterActor once it holds rows, then one trial's rollout actor mid-run."""
+    fitter = wait_for(lambda: ray.get_actor(cfg.study.name, namespace="rayrl"))
+    wait_for(lambda: len(ray.get(fitter.rows.remote())) >= 2)
+    ray.kill(fitter, no_restart=False)
+    log.append("fitter")
+    run_id = cfg.trials()[1]  # the second trial, after the fitter came back
+    run_id = f"{run_id['model']}-{run_id['family']}-n{run_id['rollout_n']}-tau{run_id['reuse_factor']}-s0"
+    worker = wait_for(lambda: ray.get_actor(f"rollout:{run_id}/0.0", namespace="rayrl"))
+    metrics = study_dir / "runs" / run_id / "metrics.parquet"
+    wait_for(lambda: metrics.exists() and pd.read_parquet(metrics)["step"].max() >= 2)
+    ray.kill(worker)
+    log.append(run_id)
+
+
+def test_smoke_study_survives_faults_resumes_and_reports(ray_session, tmp_path):
+    cfg = load_config(SMOKE)
+    study_dir = tmp_path / "study"
+    killed: list[str] = []
+    thread = threading.Thread(target=saboteur, args=(cfg, study_dir, killed), daemon=True)
+    thread.start()
+    run_study(cfg, out_dir=str(study_dir))
+    thread.join(timeout=5)
+    assert killed[0] == "fitter" and len(killed) == 2, killed
+
+    df = pd.read_parquet(study_dir / "metrics.parquet")
+    trials = cfg.trials()
+    assert df["run_id"].nunique() == len(trials)
+    assert not df.duplicated(["run_id", "step"]).any()
+    steps = cfg.grpo.data_budget // cfg.grpo.prompts_per_step
+    expected = list(range(0, steps + 1, cfg.grpo.eval_every))
+    for run_id, g in df.groupby("run_id"):
+        assert sorted(g["step"]) == expected, run_id  # the killed-rollout trial finished too
+    # the fitter came back and holds every row: none lost when it died
+    fitter = ray.get_actor(cfg.study.name, namespace="rayrl")
+    held = pd.DataFrame(ray.get(fitter.rows.remote()))
+    assert set(zip(held["run_id"], held["step"])) == set(zip(df["run_id"], df["step"]))
+
+    report = (study_dir / "report.md").read_text()
+    for figure in ("reuse.png", "rollout_n.png"):
+        assert f"]({figure})" in report and (study_dir / figure).stat().st_size > 1000
+    assert "## Scheduler" in report and "## Planner" in report
+
+    # running it again resumes: nothing recomputed, nothing duplicated
+    before = (study_dir / "metrics.parquet").read_bytes()
+    run_study(cfg, out_dir=str(study_dir))
+    again = pd.read_parquet(study_dir / "metrics.parquet")
+    assert len(again) == len(df) and not again.duplicated(["run_id", "step"]).any()
+    assert before == (study_dir / "metrics.parquet").read_bytes()
+
+
+def test_smoke_study_through_ray_job_submit_on_a_local_head(tmp_path):
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    port = 8265 + os.getpid() % 500
+    gcs_port = 6379 + os.getpid() % 500
+    head = [
+        str(bin_dir / "ray"),
+        "start",
+        "--head",
+        "--block",
+        "--num-cpus",
+        "4",
+        "--port",
+        str(gcs_port),
+        "--dashboard-port",
+        str(port),
+        "--include-dashboard",
+        "true",
+        "--disable-usage-stats",
+        "--temp-dir",
+        str(tmp_path / "ray"),
+    ]
+    # --block ties the local cluster to this process group, so tearing it down cannot touch
+    # the test session's own Ray (`ray stop` would kill every Ray on the machine).
+    proc = subprocess.Popen(
+        head, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    address = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(
+            lambda: (
+                subprocess.run(
+                    [str(bin_dir / "ray"), "job", "list", "--address", address],
+                    env=env,
+                    capture_output=True,
+                    timeout=60,
+                ).returncode
+                == 0
+            ),
+            timeout=180,
+        )
+        out = tmp_path / "study"
+        job = subprocess.run(
+            [
+                str(bin_dir / "ray"),
+                "job",
+                "submit",
+                "--address",
+                address,
+                "--working-dir",
+                str(ROOT),
+                "--runtime-env",
+                str(ROOT / "deploy" / "runtime_env.yaml"),
+                "--",
+                "rayrl",
+                "study",
+                "configs/smoke.yaml",
+                "--out",
+                str(out),
+                "--no-scheduler",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+        assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+        assert "SUCCEEDED" in job.stdout + job.stderr
+        assert (out / "report.md").exists()
+        df = pd.read_parquet(out / "metrics.parquet")
+        assert df["run_id"].nunique() == len(load_config(SMOKE).trials())
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        shutil.rmtree(tmp_path / "ray", ignore_errors=True)
