@@ -15,6 +15,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.ticker import FormatStrFormatter  # noqa: E402
 
 from rayrl.config import load_config  # noqa: E402
 
@@ -40,8 +41,9 @@ def plot_reuse(df: pd.DataFrame, path: Path) -> Path | None:
         if g["reuse_factor"].nunique() < 2:
             continue
         agg = g.groupby("reuse_factor")["test_loss"].agg(["mean", "std", "count"]).reset_index()
-        se = (agg["std"].fillna(0) / agg["count"] ** 0.5).where(agg["count"] > 1, g.groupby("reuse_factor")[
-            "test_loss_se"].mean().values)
+        se = (agg["std"].fillna(0) / agg["count"] ** 0.5).where(
+            agg["count"] > 1, g.groupby("reuse_factor")["test_loss_se"].mean().values
+        )
         ax.errorbar(agg["reuse_factor"], agg["mean"], yerr=se, marker="o", capsize=3, label=model)
     ax.set_xscale("log")
     ax.set_xlabel("reuse factor tau (fixed total data)")
@@ -73,6 +75,8 @@ def plot_rollout_n(df: pd.DataFrame, path: Path) -> Path | None:
         ax.set_yscale("log")
         ax.set_xlabel(xl)
         ax.set_ylabel("test loss")
+        ax.yaxis.set_major_formatter(FormatStrFormatter("%.2f"))
+        ax.yaxis.set_minor_formatter(FormatStrFormatter("%.2f"))
         ax.grid(alpha=0.3, which="both")
     axes[1].legend(fontsize=8)
     fig.tight_layout()
@@ -84,14 +88,18 @@ def plot_rollout_n(df: pd.DataFrame, path: Path) -> Path | None:
 def scheduler_summary(study_dir: Path, df: pd.DataFrame) -> dict[str, Any]:
     """Compute saved by stopped trials, and whether any of them would have won."""
     path = study_dir / "scheduler.jsonl"
-    decisions = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    decisions = (
+        [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    )
     stops = {d["run_id"]: d for d in decisions if d["action"] == "stop"}
     final = final_rows(df).set_index("run_id")
     spent = float(final["compute_flops"].sum()) if len(final) else 0.0
     saved = sum(max(d["x_end"] - d["x_now"], 0.0) for d in stops.values())
     finished = final.drop(index=[r for r in stops if r in final.index])
     best = float(finished["test_loss"].min()) if len(finished) else float("nan")
-    would_win = [r for r, d in stops.items() if d["predicted"] is not None and d["predicted"] < best]
+    would_win = [
+        r for r, d in stops.items() if d["predicted"] is not None and d["predicted"] < best
+    ]
     return {
         "decisions": len(decisions),
         "stopped": stops,
@@ -108,7 +116,9 @@ def _fit(study_dir: Path, table: Path, x: str, out: str) -> dict[str, Any]:
     from rayrl.scaling.table import MetricsError
 
     try:
-        return fit_command(str(table), x=x, protocol="inter", out=str(study_dir / out), n_boot=REPORT_BOOT)
+        return fit_command(
+            str(table), x=x, protocol="inter", out=str(study_dir / out), n_boot=REPORT_BOOT
+        )
     except (MetricsError, ValueError) as e:
         return {"status": "error", "error": str(e)}
 
@@ -141,20 +151,29 @@ def write_report(study_dir: Path) -> Path:
     scaling.to_parquet(scaling_table, index=False)
     fit_c = _fit(study_dir, scaling_table, "compute", "fit.json")
     fit_d = _fit(study_dir, scaling_table, "data", "fit_data.json")
-    reuse_png = plot_reuse(df, study_dir / "reuse.png")
+    reuse_png = plot_reuse(df[df["rollout_n"] == cfg.grpo.rollout_n], study_dir / "reuse.png")
     rollout_png = plot_rollout_n(df, study_dir / "rollout_n.png")
     sched = scheduler_summary(study_dir, df)
 
     final = final_rows(df)
     lines = [f"# rayrl study report: {cfg.study.name}", ""]
-    lines += [f"{df['run_id'].nunique()} runs, {len(df)} metric rows, "
-              f"{final['compute_flops'].sum():.3g} FLOPs of training compute (6·N·tokens).", ""]
-    lines += ["## Runs", "", "| run | N | rollout n | tau | seed | steps | final test loss ± SE |",
-              "|---|---|---|---|---|---|---|"]
+    lines += [
+        f"{df['run_id'].nunique()} runs, {len(df)} metric rows, "
+        f"{final['compute_flops'].sum():.3g} FLOPs of training compute (6·N·tokens).",
+        "",
+    ]
+    lines += [
+        "## Runs",
+        "",
+        "| run | N | rollout n | tau | seed | steps | final test loss ± SE |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for _, r in final.sort_values(["n_params", "rollout_n", "reuse_factor", "seed"]).iterrows():
         stopped = " (stopped)" if r["run_id"] in sched["stopped"] else ""
-        lines.append(f"| {r['run_id']}{stopped} | {r['n_params']:,} | {r['rollout_n']} | {r['reuse_factor']} | "
-                     f"{r['seed']} | {r['step']} | {r['test_loss']:.3f} ± {r.get('test_loss_se', float('nan')):.3f} |")
+        lines.append(
+            f"| {r['run_id']}{stopped} | {r['n_params']:,} | {r['rollout_n']} | {r['reuse_factor']} | "
+            f"{r['seed']} | {r['step']} | {r['test_loss']:.3f} ± {r.get('test_loss_se', float('nan')):.3f} |"
+        )
     lines += ["", "## Scaling laws: log L = -k(N)·log X + E(N), k(N) = k_max / (1 + N0/N)", ""]
     lines += [_law_line(fit_c, "compute"), _law_line(fit_d, "data"), ""]
     for fit_name, x in (("fit", "compute"), ("fit_data", "data")):
@@ -163,39 +182,71 @@ def write_report(study_dir: Path) -> Path:
                 lines += [f"![{fig}]({fig})", ""]
     proto = fit_c.get("protocol") or {}
     if proto:
-        lines += [f"Inter-model protocol (fit the smaller sizes, predict the largest): "
-                  f"{json.dumps({k: v for k, v in proto.items() if not isinstance(v, list | dict)})}", ""]
-    lines += ["## Data reuse", ""]
-    if reuse_png:
-        lines += ["![reuse](reuse.png)", ""]
-        reuse = json.loads((study_dir / "fit.json").read_text()).get("reuse") if (study_dir / "fit.json").exists() \
-            else None
-        if reuse is None:
-            from rayrl.scaling.planner import reuse_study
+        lines += [
+            f"Inter-model protocol (fit the smaller sizes, predict the largest): "
+            f"{json.dumps({k: v for k, v in proto.items() if not isinstance(v, list | dict)})}",
+            "",
+        ]
+    lines += ["## Data reuse (fixed total data, unique subset D_total / tau)", ""]
+    reuse_rows = df[df["rollout_n"] == cfg.grpo.rollout_n]
+    if reuse_png and reuse_rows["reuse_factor"].nunique() > 1:
+        from rayrl.scaling.planner import reuse_study
 
-            reuse = reuse_study(df)
-        lines += ["```", json.dumps(reuse, indent=1), "```", ""]
+        lines += [
+            "![reuse](reuse.png)",
+            "",
+            "| N | tau | final test loss | SE | within noise of tau = 1 |",
+            "|---|---|---|---|---|",
+        ]
+        study = reuse_study(reuse_rows)
+        for size in study["sizes"]:
+            for t in size["taus"]:
+                lines.append(
+                    f"| {size['n_params']:,.0f} | {t['tau']:g} | {t['test_loss']:.3f} | {t['se']:.3f} | "
+                    f"{'yes' if t['within_noise'] else 'no'} |"
+                )
+            lines.append(f"| | largest tau within noise (eq. 9): **{size['tau_star']:g}** | | | |")
+        lines.append("")
     else:
         lines += ["No reuse sweep in this study.", ""]
     lines += ["## Rollout n", ""]
-    lines += ["![rollout n](rollout_n.png)", ""] if rollout_png else ["No rollout-n sweep in this study.", ""]
+    lines += (
+        ["![rollout n](rollout_n.png)", ""]
+        if rollout_png
+        else ["No rollout-n sweep in this study.", ""]
+    )
     lines += ["## Planner", ""]
     if (study_dir / "fit.json").exists() and fit_c.get("laws"):
         top = float(final["compute_flops"].max())
         top_d = float(final["data_samples"].max())
         for budget in (top, 10 * top):
-            lines += ["```", plan_command(str(study_dir / "fit.json"), compute_budget=budget), "```", ""]
+            lines += [
+                "```",
+                plan_command(str(study_dir / "fit.json"), compute_budget=budget),
+                "```",
+                "",
+            ]
         if (study_dir / "fit_data.json").exists() and fit_d.get("laws"):
-            lines += ["```", plan_command(str(study_dir / "fit_data.json"), data_budget=top_d), "```", ""]
+            lines += [
+                "```",
+                plan_command(str(study_dir / "fit_data.json"), data_budget=top_d),
+                "```",
+                "",
+            ]
     else:
         lines += ["No law to plan with (see the fit status above).", ""]
     lines += ["## Scheduler", ""]
-    lines += [f"{sched['decisions']} decisions logged in scheduler.jsonl; {len(sched['stopped'])} trials stopped, "
-              f"saving {sched['compute_saved']:.3g} FLOPs ({sched['saved_fraction']:.1%} of what the study "
-              f"would have spent). Stopped trials predicted to beat the best finished loss "
-              f"({sched['best_finished_loss']:.3f}): {sched['stopped_that_would_have_won'] or 'none'}.", ""]
+    lines += [
+        f"{sched['decisions']} decisions logged in scheduler.jsonl; {len(sched['stopped'])} trials stopped, "
+        f"saving {sched['compute_saved']:.3g} FLOPs ({sched['saved_fraction']:.1%} of what the study "
+        f"would have spent). Stopped trials predicted to beat the best finished loss "
+        f"({sched['best_finished_loss']:.3f}): {sched['stopped_that_would_have_won'] or 'none'}.",
+        "",
+    ]
     for run_id, d in sched["stopped"].items():
-        lines.append(f"- {run_id} at step {d['step']}: {d['reason']} (observed {d['observed']:.3f})")
+        lines.append(
+            f"- {run_id} at step {d['step']}: {d['reason']} (observed {d['observed']:.3f})"
+        )
     report = study_dir / "report.md"
     report.write_text("\n".join(lines) + "\n")
     return report

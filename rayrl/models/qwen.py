@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+from transformers.utils import logging as hf_logging
 
 from rayrl.config import ModelSpec
 
@@ -27,7 +28,7 @@ def qwen2_config(
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         rope_theta=10000.0,
-        torch_dtype="float32",
+        dtype="float32",
     )
 
 
@@ -44,6 +45,12 @@ def save_model_dir(
     """config.json + model.safetensors + tokenizer.json, loadable offline by transformers and vLLM."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path, safe_serialization=True)
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a bar per one-shard save is noise in the ladder's output
+    try:
+        model.save_pretrained(path, safe_serialization=True)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     tokenizer.save_pretrained(path)
     return path

@@ -1,0 +1,195 @@
+"""One GRPO step: rayrl's Run (vLLM + RewardPool + DeepSpeed + sync) against TRL's
+GRPOTrainer (HF generate, in-process reward, one process), same model, batch, group
+size, lengths, learning rate and number of steps, on the synthetic task.
+
+    .venv/bin/python tools/bench_grpo.py [--models ladder,rand-25m] [--steps 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from bench_common import SMOKE, ladder_model, machine, random_model, write_json  # noqa: E402
+
+SETTINGS = dict(prompts=8, group=4, max_new_tokens=16, lr=1e-5, micro_batch=32)
+
+
+def config(model, out: Path):
+    from rayrl.config import load_config
+
+    s = SETTINGS
+    overrides = {
+        "output_dir": str(out),
+        "grpo.prompts_per_step": s["prompts"],
+        "grpo.rollout_n": s["group"],
+        "grpo.max_new_tokens": s["max_new_tokens"],
+        "grpo.max_prompt_tokens": 32,
+        "grpo.lr": s["lr"],
+        "grpo.micro_batch": s["micro_batch"],
+        "grpo.data_budget": 64,
+        # One vLLM worker with both cores (bench_rollout's best), learner the same.
+        "resources.cpus_per_actor": 2,
+    }
+    if not model.trained:  # an existing model directory, given by path
+        overrides["ladder.models"] = [{"name": model.name, "path": model.path}]
+        overrides["study.models"] = [model.name]
+        overrides["study.sweeps"] = []
+    return load_config(SMOKE, overrides)
+
+
+def rayrl_steps(model, steps: int, out: Path) -> dict:
+    import ray
+
+    from rayrl.trainer import Run, RunSpec
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    cfg = config(model, out)
+    t0 = time.perf_counter()
+    run = Run(cfg, RunSpec(model.name, SETTINGS["group"], 1, 0), out / "rayrl")
+    setup = time.perf_counter() - t0
+    rows = []
+    try:
+        for i in range(steps + 1):  # step 0 warms every actor up
+            t0 = time.perf_counter()
+            row = run.step(i)
+            row["wall"] = time.perf_counter() - t0
+            rows.append(row)
+    finally:
+        run.shutdown()
+        ray.shutdown()
+    timed = rows[1:]
+    split = {
+        k: sum(r[f"time_{k}"] for r in timed) / steps for k in ("gen", "reward", "learn", "sync")
+    }
+    wall = sum(r["wall"] for r in timed) / steps
+    split["overhead"] = wall - sum(split.values())
+    return {
+        "setup_seconds": round(setup, 2),
+        "seconds_per_step": round(wall, 3),
+        "split_seconds": {k: round(v, 3) for k, v in split.items()},
+        "response_len": round(sum(r["response_len"] for r in timed) / steps, 1),
+    }
+
+
+def trl_steps(model, steps: int, out: Path) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from rayrl.data import load_task, render_prompt
+    from rayrl.rewards import score
+
+    s = SETTINGS
+    cfg = config(model, out)
+    tok = AutoTokenizer.from_pretrained(model.path)
+    rows = load_task(cfg).train[: s["prompts"] * (steps + 1)]
+    data = Dataset.from_list(
+        [
+            {
+                "prompt": render_prompt(r, tok),
+                "ground_truth": str(r["reward_model"]["ground_truth"]),
+                "data_source": r["data_source"],
+            }
+            for r in rows
+        ]
+    )
+
+    def reward(completions, ground_truth, data_source, **_):
+        return [score(d, c, g) for c, g, d in zip(completions, ground_truth, data_source)]
+
+    class StepTimer(TrainerCallback):
+        def __init__(self) -> None:
+            self.seconds: list[float] = []
+
+        def on_step_begin(self, *args, **kw):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, *args, **kw):
+            self.seconds.append(time.perf_counter() - self.t0)
+
+    args = GRPOConfig(
+        output_dir=str(out / "trl"),
+        per_device_train_batch_size=s["prompts"] * s["group"],
+        num_generations=s["group"],
+        max_completion_length=s["max_new_tokens"],
+        learning_rate=s["lr"],
+        beta=0.001,  # KL to the reference model, as rayrl's kl_coef
+        epsilon=0.2,
+        temperature=1.0,
+        top_k=0,
+        top_p=1.0,
+        loss_type="dapo",  # token-mean over the batch, as rayrl's loss_agg
+        num_iterations=1,
+        max_steps=steps + 1,
+        max_grad_norm=1.0,
+        weight_decay=0.01,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+        dataloader_num_workers=0,
+        shuffle_dataset=False,
+        seed=0,
+    )
+    timer = StepTimer()
+    t0 = time.perf_counter()
+    trainer = GRPOTrainer(
+        model=model.path,
+        reward_funcs=reward,
+        args=args,
+        train_dataset=data,
+        processing_class=tok,
+        callbacks=[timer],
+    )
+    setup = time.perf_counter() - t0
+    trainer.train()
+    timed = timer.seconds[1:]
+    return {
+        "setup_seconds": round(setup, 2),
+        "seconds_per_step": round(sum(timed) / len(timed), 3),
+        "step_seconds": [round(x, 3) for x in timer.seconds],
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="ladder,rand-25m")
+    ap.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
+    ap.add_argument("--side", choices=["both", "rayrl", "trl"], default="both")
+    args = ap.parse_args()
+    results = []
+    for key in args.models.split(","):
+        model = ladder_model() if key == "ladder" else random_model(key)
+        with tempfile.TemporaryDirectory() as tmp:
+            r = {"model": model.name, "matmul_params": model.matmul_params, **SETTINGS}
+            r["steps"] = args.steps
+            if args.side in ("both", "rayrl"):
+                print(f"[grpo] {model.name}: rayrl", flush=True)
+                r["rayrl"] = rayrl_steps(model, args.steps, Path(tmp))
+            if args.side in ("both", "trl"):
+                print(f"[grpo] {model.name}: trl", flush=True)
+                r["trl"] = trl_steps(model, args.steps, Path(tmp))
+            if "rayrl" in r and "trl" in r:
+                r["ratio_trl_over_rayrl"] = round(
+                    r["trl"]["seconds_per_step"] / r["rayrl"]["seconds_per_step"], 3
+                )
+            r["machine"] = machine()
+            print(f"[grpo] {r}", flush=True)
+            results.append(r)
+    print(write_json("grpo", {"settings": SETTINGS, "models": results}))
+
+
+if __name__ == "__main__":
+    main()
