@@ -26,6 +26,7 @@ from rayrl.learner.group import LearnerGroup
 from rayrl.learner.grpo import group_advantages
 from rayrl.metrics import MetricsLog, append_jsonl
 from rayrl.models.flops import forward_flops, train_flops
+from rayrl.rollout.sync import SyncStats
 
 
 @dataclass
@@ -161,17 +162,21 @@ class Run:
         t["reward"] = time.perf_counter() - t0
 
         adv, flat_groups = group_advantages(rewards, spec.rollout_n, g.adv_eps)
+        # Groups whose rewards are all equal carry no policy gradient; they are dropped rather
+        # than left to feed Adam a KL-only update that it would rescale to full step size.
         batch = [
             TrainItem(p, list(s.token_ids), float(a))
             for p, grp, a_grp in zip(prompts, groups, adv.view(-1, spec.rollout_n))
+            if a_grp.abs().sum() > 0
             for s, a in zip(grp, a_grp)
         ]
-        t0 = time.perf_counter()
-        learn = self.learners.train(batch, g.temperature)
-        t["learn"] = time.perf_counter() - t0
-
-        t0 = time.perf_counter()
-        sync = self.rollout.sync_weights()
+        t0, t["learn"] = time.perf_counter(), 0.0
+        learn, sync = SKIPPED_UPDATE, SyncStats(0, 0.0, 0, 0)
+        if len(batch) >= self.cfg.resources.learners:
+            learn = self.learners.train(batch, g.temperature)
+            t["learn"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            sync = self.rollout.sync_weights()
         t["sync"] = time.perf_counter() - t0
 
         prompt_tokens = sum(len(p) for p in prompts) * spec.rollout_n
@@ -180,7 +185,7 @@ class Run:
             "step": step + 1,
             "reward_mean": float(rewards.mean()),
             "flat_groups": flat_groups,
-            "response_len": gen_tokens / max(len(batch), 1),
+            "response_len": gen_tokens / max(len(prompts) * spec.rollout_n, 1),
             # C: 6 N T per optimizer step over the tokens the learner processed (appendix C.1).
             "flops": train_flops(self.n_params, learn["tokens_processed"]),
             # All-in adds rollout generation and the reference forward pass, 2 N T each.
@@ -290,6 +295,17 @@ class Run:
         self.rollout.shutdown()
         self.rewards.shutdown()
         self.learners.shutdown()
+
+
+# A step whose every group was flat: no optimizer update, no learner tokens, no sync.
+SKIPPED_UPDATE = {
+    "loss": 0.0,
+    "pg_loss": 0.0,
+    "kl": 0.0,
+    "clip_frac": 0.0,
+    "grad_norm": 0.0,
+    "tokens_processed": 0.0,
+}
 
 
 def truncate_jsonl(path: Path, step: int) -> None:

@@ -98,7 +98,10 @@ class Learner:
         totals = {"loss": 0.0, "pg_loss": 0.0, "kl": 0.0, "clip_frac": 0.0}
         processed = 0
         self.engine.train()
-        for chunk in split_even(items, self.gas):
+        chunks = split_even(items, min(self.gas, len(items)))
+        for i, chunk in enumerate(chunks):
+            # Dropped flat groups make batches smaller than planned: step on the last chunk.
+            self.engine.set_gradient_accumulation_boundary(i == len(chunks) - 1)
             b = collate(chunk, self.pad_id).to(self.device)
             logits = self.engine(input_ids=b.input_ids, attention_mask=b.attention_mask).logits[
                 :, :-1

@@ -23,11 +23,16 @@ def corpus_batch(
     batch: int,
     max_digits: int,
     exclude: set[Operands],
+    hardest_share: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask, labels), right-padded; labels are -100 outside completions."""
+    """(input_ids, attention_mask, labels), right-padded; labels are -100 outside completions.
+
+    A `hardest_share` of the problems has max_digits digits, the rest spread evenly over
+    fewer; None spreads all levels evenly.
+    """
     problems: list[Operands] = []
     while len(problems) < batch:
-        p = draw_pair(rng, rng.randint(1, max_digits))
+        p = draw_pair(rng, corpus_level(rng, max_digits, hardest_share))
         if p not in exclude:
             problems.append(p)
     prompts = tokenizer([prompt_text(p) for p in problems], add_special_tokens=False)["input_ids"]
@@ -45,6 +50,12 @@ def corpus_batch(
         labels[i, len(q) : n] = torch.tensor(a)
         mask[i, :n] = 1
     return ids, mask, labels
+
+
+def corpus_level(rng: random.Random, max_digits: int, hardest_share: float | None) -> int:
+    if hardest_share is None or max_digits == 1:
+        return rng.randint(1, max_digits)
+    return max_digits if rng.random() < hardest_share else rng.randint(1, max_digits - 1)
 
 
 def lr_at(
@@ -67,6 +78,7 @@ def pretrain(
     max_digits: int,
     exclude: set[Operands],
     seed: int = 0,
+    hardest_share: float | None = None,
     on_steps: Callable[[int], None] | None = None,
     report_every: int = 25,
 ) -> float:
@@ -82,7 +94,7 @@ def pretrain(
     for step in range(steps):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, lr)
-        ids, mask, labels = corpus_batch(rng, tokenizer, batch, max_digits, exclude)
+        ids, mask, labels = corpus_batch(rng, tokenizer, batch, max_digits, exclude, hardest_share)
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
