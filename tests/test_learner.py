@@ -5,8 +5,8 @@ import torch
 
 from rayrl.config import GRPOConfig, ModelSpec, ResourcesConfig
 from rayrl.learner.batch import TrainItem, collate
-from rayrl.learner.grpo import token_logprobs
 from rayrl.learner.group import LearnerGroup
+from rayrl.learner.grpo import token_logprobs
 from rayrl.models.qwen import init_model, save_model_dir
 from rayrl.models.tokenizer import build_tokenizer
 

@@ -4,8 +4,8 @@ import os
 import shutil
 import signal
 import subprocess
-import tempfile
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -136,30 +136,29 @@ def test_smoke_study_through_ray_job_submit_on_a_local_head(tmp_path):
             timeout=180,
         )
         out = tmp_path / "study"
-        job = subprocess.run(
-            [
-                str(bin_dir / "ray"),
-                "job",
-                "submit",
-                "--address",
-                address,
-                "--working-dir",
-                str(ROOT),
-                "--runtime-env",
-                str(ROOT / "deploy" / "runtime_env.yaml"),
-                "--",
-                "rayrl",
-                "study",
-                "configs/smoke.yaml",
-                "--out",
-                str(out),
-                "--no-scheduler",
-            ],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=900,
-        )
+        submit = [
+            str(bin_dir / "ray"),
+            "job",
+            "submit",
+            "--address",
+            address,
+            "--working-dir",
+            str(ROOT),
+            "--runtime-env",
+            str(ROOT / "deploy" / "runtime_env.yaml"),
+            "--",
+            "rayrl",
+            "study",
+            "configs/smoke.yaml",
+            "--out",
+            str(out),
+            "--no-scheduler",
+        ]
+        for _ in range(10):  # the job agent comes up a little after the dashboard answers
+            job = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=900)
+            if "No available agent" not in job.stderr:
+                break
+            time.sleep(3)
         assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
         assert "succeeded" in (job.stdout + job.stderr).lower()
         assert (out / "report.md").exists()
