@@ -154,11 +154,11 @@ def test_smoke_study_through_ray_job_submit_on_a_local_head(tmp_path):
             str(out),
             "--no-scheduler",
         ]
-        for _ in range(10):  # the job agent comes up a little after the dashboard answers
+        for _ in range(60):  # the job agent comes up a while after the dashboard answers
             job = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=900)
             if "No available agent" not in job.stderr:
                 break
-            time.sleep(3)
+            time.sleep(5)
         assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
         assert "succeeded" in (job.stdout + job.stderr).lower()
         assert (out / "report.md").exists()

@@ -45,7 +45,7 @@ def test_vllm_matches_the_deepspeed_learner_after_each_step(ray_session, tmp_pat
         prompts = [run.tokenizer(r["prompt"][0]["content"]).input_ids for r in run.test[:4]]
         previous, updates = None, 0
         for step in range(3):
-            out = run.step(step)
+            step_out = run.step(step)
             state = dict(ray.get(run.learners.actors[0].named_weights.remote()))
             outs = run.rollout.greedy(prompts, max_tokens=8)
             for p, out in zip(prompts, outs):
@@ -53,7 +53,7 @@ def test_vllm_matches_the_deepspeed_learner_after_each_step(ray_session, tmp_pat
                 assert argmax.tolist() == list(out.token_ids)  # greedy agrees token by token
                 torch.testing.assert_close(torch.tensor(out.logprobs), logp, atol=1e-4, rtol=0)
             current = [list(o.token_ids) for o in outs] + [o.logprobs for o in outs]
-            if out["flops"] > 0:  # a step whose groups were all flat makes no update
+            if step_out["flops"] > 0:  # a step whose groups were all flat makes no update
                 updates += 1
                 assert current != previous  # the weights really moved
             previous = current
