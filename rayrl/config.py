@@ -48,14 +48,17 @@ class LadderConfig:
     """The embedded tiny model ladder and its base pre-training."""
 
     models: list[ModelSpec] = field(default_factory=list)
-    # Equal tokens per parameter, not equal wall time (DESIGN.md, measured hints).
-    pretrain_tokens_per_param: float = 400.0
-    pretrain_min_steps: int = 300
+    # Steps = max(pretrain_min_steps, tokens_per_param * N / tokens per step): equal steps or
+    # equal tokens per parameter, never equal wall time (DESIGN.md, measured hints).
+    pretrain_tokens_per_param: float = 0.0
+    pretrain_min_steps: int = 1500
     pretrain_batch: int = 64
     # The rate at pretrain_lr_width; wider models take lr * width / hidden (muP for Adam).
     pretrain_lr: float = 3e-3
     pretrain_lr_width: int = 32
-    eval_problems: int = 200  # held-out problems behind the table's pass@1
+    # Share of max-digit problems in the pre-training corpus; the rest spreads over fewer digits.
+    pretrain_hardest_share: float = 0.2
+    eval_problems: int = 500  # held-out problems behind the table's pass@1
     eval_samples: int = 4  # samples per problem at grpo.eval_temperature
     seed: int = 0
     dir: str = "~/.cache/rayrl/ladder"  # RAYRL_CACHE, when set, wins: $RAYRL_CACHE/ladder
@@ -393,9 +396,14 @@ def validate(cfg: Config) -> None:
     ):
         need(getattr(lad, name) > 0, f"ladder.{name}", "a positive integer", getattr(lad, name))
     need(lad.pretrain_lr > 0, "ladder.pretrain_lr", "a positive learning rate", lad.pretrain_lr)
-    if (
-        cfg.resources.device == "cpu"
-    ):  # vLLM's CPU attention kernels exist for these head sizes only
+    need(
+        0 <= lad.pretrain_hardest_share <= 1,
+        "ladder.pretrain_hardest_share",
+        "a share in [0, 1]",
+        lad.pretrain_hardest_share,
+    )
+    # vLLM's CPU attention kernels exist for these head sizes only.
+    if cfg.resources.device == "cpu":
         for i, m in enumerate(lad.models):
             if not m.path and m.heads > 0 and m.hidden % m.heads == 0:
                 need(

@@ -31,7 +31,9 @@ def ray_session():
             include_dashboard=False,
             log_to_driver=False,
             # Workers import test modules (trainables, fakes defined in tests) by name.
-            runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT / "tests")}},
+            runtime_env={
+                "env_vars": {"TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT / "tests")}
+            },
         )
     yield ray
     # Left running on purpose: later tests in the session reuse it; pytest exit tears it down.

@@ -14,8 +14,13 @@ from rayrl.models.tokenizer import build_tokenizer
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     tok = build_tokenizer()
-    return str(save_model_dir(init_model(ModelSpec(name="t", hidden=32, layers=2), tok), tok,
-                              tmp_path_factory.mktemp("m")))
+    return str(
+        save_model_dir(
+            init_model(ModelSpec(name="t", hidden=32, layers=2), tok),
+            tok,
+            tmp_path_factory.mktemp("m"),
+        )
+    )
 
 
 def weights(group, rank):
@@ -38,11 +43,14 @@ def logprob_of(state, model_dir, item):
 def test_learner_group_updates_in_step_and_checkpoints(ray_session, model_dir, tmp_path):
     tok = build_tokenizer()
     prompt = tok("Q:1+2=?A:").input_ids
-    good, bad = TrainItem(prompt, tok("\\boxed{3}").input_ids + [tok.eos_token_id], 1.0), TrainItem(
-        prompt, tok("\\boxed{7}").input_ids + [tok.eos_token_id], -1.0)
+    good, bad = (
+        TrainItem(prompt, tok("\\boxed{3}").input_ids + [tok.eos_token_id], 1.0),
+        TrainItem(prompt, tok("\\boxed{7}").input_ids + [tok.eos_token_id], -1.0),
+    )
     grpo = GRPOConfig(lr=3e-3, prompts_per_step=2, micro_batch=1, kl_coef=0.001)
-    group = LearnerGroup(model_dir, grpo, ResourcesConfig(learners=2, zero_stage=2, cpus_per_actor=0.5),
-                         rollout_n=2)
+    group = LearnerGroup(
+        model_dir, grpo, ResourcesConfig(learners=2, zero_stage=2, cpus_per_actor=0.5), rollout_n=2
+    )
     try:
         assert group.gas == 2  # 4 samples over 2 ranks, micro-batch 1
         before = weights(group, 0)
@@ -73,7 +81,9 @@ def test_all_equal_rewards_leave_the_policy_unchanged(ray_session, model_dir):
     prompt = tok("Q:4+4=?A:").input_ids
     items = [TrainItem(prompt, tok(s).input_ids, 0.0) for s in ("\\boxed{8}", "\\boxed{9}")]
     grpo = GRPOConfig(lr=1e-2, prompts_per_step=1, micro_batch=2, kl_coef=0.0, weight_decay=0.0)
-    group = LearnerGroup(model_dir, grpo, ResourcesConfig(learners=1, cpus_per_actor=0.5), rollout_n=2)
+    group = LearnerGroup(
+        model_dir, grpo, ResourcesConfig(learners=1, cpus_per_actor=0.5), rollout_n=2
+    )
     try:
         before = weights(group, 0)
         stats = group.train(items, temperature=1.0)

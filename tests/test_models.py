@@ -71,14 +71,17 @@ def test_tokenizer_round_trip(tmp_path: Path):
 
 def test_corpus_batch_trains_on_completions_only_and_skips_held_out():
     tok = build_tokenizer()
-    exclude = set(held_out(100, 1, seed=0))  # half of all 1-digit problems
-    ids, mask, labels = corpus_batch(random.Random(0), tok, 64, 1, exclude)
+    exclude = set(held_out(100, 2, seed=0))  # half of all 1-digit problems, 50 2-digit ones
+    ids, mask, labels = corpus_batch(random.Random(0), tok, 512, 2, exclude, hardest_share=0.25)
+    two_digit = 0
     for row_ids, row_mask, row_labels in zip(ids, mask, labels):
         text = tok.decode(row_ids[row_mask.bool()])
         a, b = map(int, text[2 : text.index("=")].split("+"))
         assert (a, b) not in exclude
+        two_digit += max(a, b) >= 10
         completion = tok.decode(row_labels[row_labels != -100])
         assert completion == f"\\boxed{{{a + b}}}{tok.eos_token}"
+    assert 0.15 < two_digit / 512 < 0.35  # the hardest level's share of the corpus
 
 
 def test_learning_rate_warms_up_then_decays():
@@ -156,7 +159,7 @@ def test_pretraining_budget_is_tokens_per_parameter_with_a_floor():
     cfg = tiny_config(Path("unused"))
     cfg.ladder.pretrain_tokens_per_param = 100.0
     cfg.ladder.pretrain_min_steps = 10
-    per_step = cfg.ladder.pretrain_batch * mean_sequence_tokens(cfg.data.max_digits)
+    per_step = cfg.ladder.pretrain_batch * mean_sequence_tokens(cfg.data.max_digits, 0.2)
     assert 10 < per_step < 64 * 30  # "Q:ab+cd=?A:\boxed{efg}" plus EOS, 64 to a batch
     assert pretrain_steps(cfg, 1_000_000) == math.ceil(100 * 1_000_000 / per_step)
     assert pretrain_steps(cfg, 2_000_000) >= 2 * pretrain_steps(cfg, 1_000_000) - 1

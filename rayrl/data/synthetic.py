@@ -75,6 +75,14 @@ def draw_pair(rng: random.Random, digits: int) -> Operands:
             return a, b
 
 
+def corpus_level(rng: random.Random, max_digits: int, hardest_share: float) -> int:
+    """A `hardest_share` of the corpus has max_digits digits, the rest spreads evenly over
+    fewer: the base model sees the hardest level rarely, which leaves RL its headroom."""
+    if max_digits == 1 or rng.random() < hardest_share:
+        return max_digits
+    return rng.randint(1, max_digits - 1)
+
+
 def level_capacity(digits: int) -> int:
     """Distinct ordered pairs at a level: 10^(2d) - 10^(2(d-1)), and 100 for d = 1."""
     return 10 ** (2 * digits) - (10 ** (2 * (digits - 1)) if digits > 1 else 0)
@@ -143,9 +151,10 @@ def training(size: int, max_digits: int, seed: int, exclude: set[Operands]) -> l
 
 
 def uneven_pair(rng: random.Random, max_digits: int) -> Operands:
-    """A long operand plus a shorter one: in-domain, but rare in the even training mix."""
-    long_ = rng.randrange(10 ** (max_digits - 1) if max_digits > 1 else 0, 10**max_digits)
-    short = rng.randrange(10 ** rng.randint(1, max(1, max_digits - 1)))
+    """A 2..max_digits-digit operand plus a shorter one: in-domain, but rare in the even mix."""
+    digits = rng.randint(min(2, max_digits), max_digits)
+    long_ = rng.randrange(10 ** (digits - 1) if digits > 1 else 0, 10**digits)
+    short = rng.randrange(10 ** rng.randint(1, max(1, digits - 1)))
     return (long_, short) if rng.random() < 0.5 else (short, long_)
 
 

@@ -8,7 +8,7 @@ import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -16,24 +16,12 @@ import torch
 from rayrl.config import Config, ModelSpec
 from rayrl.data.curriculum import curriculum_order
 from rayrl.data.synthetic import held_out, to_rows
+from rayrl.models.entry import ENTRY_FILE, LadderEntry
 from rayrl.models.evaluate import pass_at_1
 from rayrl.models.flops import count_params
 from rayrl.models.pretrain import pretrain
 from rayrl.models.qwen import init_model, save_model_dir
 from rayrl.models.tokenizer import build_tokenizer
-
-ENTRY_FILE = "ladder_entry.json"
-
-
-@dataclass
-class LadderEntry:
-    name: str
-    path: str
-    total_params: int
-    non_embedding_params: int
-    pass_at_1: float  # held-out, at the evaluation temperature
-    pretrain_steps: int = 0
-    build_seconds: float = 0.0
 
 
 @contextmanager
@@ -77,6 +65,7 @@ def build_model(
             pretrain_lr(cfg, spec),
             data.max_digits,
             set(test),
+            lad.pretrain_hardest_share,
             seed=lad.seed,
             on_steps=on_steps,
         )

@@ -23,13 +23,12 @@ from pathlib import Path
 from tqdm import tqdm
 
 from rayrl.config import Config, ModelSpec
-from rayrl.data.synthetic import completion_text, draw_pair, prompt_text
-from rayrl.models.build import ENTRY_FILE, LadderEntry, build_model, non_embedding_params
-from rayrl.models.tokenizer import build_tokenizer
+from rayrl.data.synthetic import completion_text, corpus_level, draw_pair, prompt_text
+from rayrl.models.entry import ENTRY_FILE, LadderEntry
 
 __all__ = ["LadderEntry", "build_ladder", "format_table", "ladder_dir", "model_path"]
 
-CACHE_VERSION = 1  # bump when pre-training or evaluation code changes what a build produces
+CACHE_VERSION = 2  # bump when pre-training or evaluation code changes what a build produces
 MANIFEST = "ladder.json"
 ARCHITECTURE = ("hidden", "layers", "heads", "kv_heads", "intermediate", "tie_embeddings")
 
@@ -51,6 +50,7 @@ def cache_key(cfg: Config, spec: ModelSpec) -> str:
             lad.pretrain_batch,
             lad.pretrain_lr,
             lad.pretrain_lr_width,
+            lad.pretrain_hardest_share,
             lad.seed,
         ],
         "eval": [lad.eval_problems, lad.eval_samples, cfg.grpo.eval_temperature],
@@ -60,17 +60,22 @@ def cache_key(cfg: Config, spec: ModelSpec) -> str:
 
 
 def pretrain_steps(cfg: Config, non_embedding: int) -> int:
-    """Equal tokens per parameter (DESIGN.md's measured hint), with a floor of min steps."""
+    """Equal tokens per parameter, or equal steps when that is 0 (DESIGN.md's measured hint:
+    never equal wall time), with a floor of pretrain_min_steps."""
     lad = cfg.ladder
     tokens = lad.pretrain_tokens_per_param * non_embedding
-    per_step = lad.pretrain_batch * mean_sequence_tokens(cfg.data.max_digits)
+    per_step = lad.pretrain_batch * mean_sequence_tokens(
+        cfg.data.max_digits, lad.pretrain_hardest_share
+    )
     return max(lad.pretrain_min_steps, math.ceil(tokens / per_step))
 
 
-def mean_sequence_tokens(max_digits: int, n: int = 512) -> float:
+def mean_sequence_tokens(max_digits: int, hardest_share: float, n: int = 512) -> float:
     """Average corpus sequence length in tokens: prompt, completion and EOS."""
+    from rayrl.models.tokenizer import build_tokenizer  # transformers: only when building
+
     rng = random.Random(0)
-    problems = [draw_pair(rng, rng.randint(1, max_digits)) for _ in range(n)]
+    problems = [draw_pair(rng, corpus_level(rng, max_digits, hardest_share)) for _ in range(n)]
     texts = [prompt_text(p) + completion_text(p) for p in problems]
     ids = build_tokenizer()(texts, add_special_tokens=False)["input_ids"]
     return sum(len(x) + 1 for x in ids) / n
@@ -139,6 +144,8 @@ def _entries(cfg: Config, specs: list[ModelSpec], progress: bool) -> list[Ladder
 def _build_all(
     root: Path, cfg: Config, specs: list[ModelSpec], progress: bool
 ) -> list[LadderEntry]:
+    from rayrl.models.build import build_model, non_embedding_params  # torch: only when building
+
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local; workers inherit it
     sizes = [non_embedding_params(s) for s in specs]
     steps = [pretrain_steps(cfg, n) for n in sizes]
@@ -183,6 +190,8 @@ def _init_worker(done: mp.Queue) -> None:
 
 
 def _worker_build(cfg: Config, spec: ModelSpec, steps: int, out: Path, weight: int) -> LadderEntry:
+    from rayrl.models.build import build_model
+
     def report(k: int) -> None:
         if _progress is not None:
             _progress.put(k * weight)

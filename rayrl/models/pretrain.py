@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
-from rayrl.data.synthetic import Operands, completion_text, draw_pair, prompt_text
+from rayrl.data.synthetic import Operands, completion_text, corpus_level, draw_pair, prompt_text
 
 
 def corpus_batch(
@@ -23,18 +23,16 @@ def corpus_batch(
     batch: int,
     max_digits: int,
     exclude: set[Operands],
-    hardest_share: float | None = None,
+    hardest_share: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask, labels), right-padded; labels are -100 outside completions.
-
-    A `hardest_share` of the problems has max_digits digits, the rest spread evenly over
-    fewer; None spreads all levels evenly.
-    """
+    """(input_ids, attention_mask, labels), right-padded; labels are -100 outside completions."""
     problems: list[Operands] = []
-    while len(problems) < batch:
-        p = draw_pair(rng, corpus_level(rng, max_digits, hardest_share))
-        if p not in exclude:
-            problems.append(p)
+    for _ in range(batch):
+        digits = corpus_level(rng, max_digits, hardest_share)
+        p = draw_pair(rng, digits)
+        while p in exclude:  # redraw at the same level, so the level shares stay as set
+            p = draw_pair(rng, digits)
+        problems.append(p)
     prompts = tokenizer([prompt_text(p) for p in problems], add_special_tokens=False)["input_ids"]
     answers = tokenizer([completion_text(p) for p in problems], add_special_tokens=False)[
         "input_ids"
@@ -50,12 +48,6 @@ def corpus_batch(
         labels[i, len(q) : n] = torch.tensor(a)
         mask[i, :n] = 1
     return ids, mask, labels
-
-
-def corpus_level(rng: random.Random, max_digits: int, hardest_share: float | None) -> int:
-    if hardest_share is None or max_digits == 1:
-        return rng.randint(1, max_digits)
-    return max_digits if rng.random() < hardest_share else rng.randint(1, max_digits - 1)
 
 
 def lr_at(
@@ -77,8 +69,8 @@ def pretrain(
     lr: float,
     max_digits: int,
     exclude: set[Operands],
+    hardest_share: float,
     seed: int = 0,
-    hardest_share: float | None = None,
     on_steps: Callable[[int], None] | None = None,
     report_every: int = 25,
 ) -> float:

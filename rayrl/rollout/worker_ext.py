@@ -47,7 +47,11 @@ class WeightSyncExtension:
         model = self.model_runner.model
         lm_head = getattr(model, "lm_head", None)
         embed = getattr(getattr(model, "model", None), "embed_tokens", None)
-        if not getattr(model.config, "tie_word_embeddings", False) or lm_head is None or embed is None:
+        if (
+            not getattr(model.config, "tie_word_embeddings", False)
+            or lm_head is None
+            or embed is None
+        ):
             return
         lm_head.weight = embed.weight
         lm_head.quant_method.process_weights_after_loading(lm_head)
