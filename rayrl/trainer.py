@@ -55,6 +55,21 @@ class EvalResult:
         return 1.0 - self.pass_at_1  # L = 1 - pass@1
 
 
+def reward_items(
+    rows: list[dict], groups: list[list[Any]], tokenizer: Any
+) -> list[tuple[str, str, str]]:
+    """(data_source, decoded response, ground truth) for every sample, group by group."""
+    return [
+        (
+            r["data_source"],
+            tokenizer.decode(s.token_ids, skip_special_tokens=True),
+            str(r["reward_model"]["ground_truth"]),
+        )
+        for r, group in zip(rows, groups)
+        for s in group
+    ]
+
+
 def evaluate(
     pool: Any,
     rewards: Any,
@@ -70,16 +85,8 @@ def evaluate(
     groups = pool.generate(
         prompts, n=samples, temperature=temperature, max_tokens=max_tokens, seed=seed
     )
-    items = [
-        (
-            r["data_source"],
-            tokenizer.decode(s.token_ids, skip_special_tokens=True),
-            str(r["reward_model"]["ground_truth"]),
-        )
-        for r, g in zip(rows, groups)
-        for s in g
-    ]
-    scores = np.array([v.score for v in rewards.score(items)]).reshape(len(rows), samples)
+    scores = rewards.score(reward_items(rows, groups, tokenizer))
+    scores = np.array([v.score for v in scores]).reshape(len(rows), samples)
     per_problem = scores.mean(axis=1)
     se = float(per_problem.std(ddof=1) / np.sqrt(len(rows))) if len(rows) > 1 else float("nan")
     return EvalResult(float(per_problem.mean()), se, len(rows))
@@ -149,16 +156,8 @@ class Run:
         t["gen"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        items = [
-            (
-                r["data_source"],
-                tok.decode(s.token_ids, skip_special_tokens=True),
-                str(r["reward_model"]["ground_truth"]),
-            )
-            for r, grp in zip(rows, groups)
-            for s in grp
-        ]
-        rewards = torch.tensor([v.score for v in self.rewards.score(items)])
+        verdicts = self.rewards.score(reward_items(rows, groups, tok))
+        rewards = torch.tensor([v.score for v in verdicts])
         t["reward"] = time.perf_counter() - t0
 
         adv, flat_groups = group_advantages(rewards, spec.rollout_n, g.adv_eps)
