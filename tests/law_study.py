@@ -46,7 +46,7 @@ def law_trainable(config):
         }
         import ray
 
-        ray.get(fitter.add_rows.remote([row]))
+        ray.get(fitter.add_rows.remote([row]), timeout=120)
         tune.report({**row, "total_steps": STEPS})
 
 

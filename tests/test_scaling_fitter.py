@@ -87,6 +87,28 @@ def test_refits_in_the_background_and_answers_the_scheduler(ray_session, tmp_pat
         ray.kill(actor, no_restart=True)
 
 
+def test_fitter_made_inside_a_trial_outlives_the_trials_placement_group(ray_session, tmp_path):
+    ray = ray_session
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    @ray.remote(num_cpus=0.1)
+    def trial(out: str) -> int:  # like a Tune trainable: its children default into its group
+        return ray.get(get_or_create_fitter("test-fitter-pg", out).summary.remote())["n_rows"]
+
+    pg = placement_group([{"CPU": 0.5}])
+    ray.get(pg.ready(), timeout=60)
+    inside = PlacementGroupSchedulingStrategy(pg, placement_group_capture_child_tasks=True)
+    assert ray.get(trial.options(scheduling_strategy=inside).remote(str(tmp_path))) == 0
+    remove_placement_group(pg)
+    actor = ray.get_actor("test-fitter-pg", namespace=NAMESPACE)
+    try:
+        time.sleep(2)  # a fitter inside the group would be dead by now, and never come back
+        assert ray.get(actor.summary.remote(), timeout=60)["status"] == "empty"
+    finally:
+        ray.kill(actor, no_restart=True)
+
+
 def test_compaction_keeps_every_row_and_a_crash_midway_loses_none(tmp_path, rows, monkeypatch):
     monkeypatch.setattr(fitter_module, "COMPACT_AFTER", 3)
     f = Fitter(str(tmp_path), min_interval_s=3600)

@@ -49,7 +49,6 @@ def test_rival_is_judged_at_most_at_its_own_end():
     assert ("short", 30.0) in seen and ("me", 100.0) in seen
 
 
-@pytest.mark.skip(reason="law_study.py hangs on its FitterActor since the fitter changes; see issue 6 note")
 def test_scheduler_stops_dominated_trials_keeps_winner_and_saves_compute(tmp_path):
     # Its own process and Ray: a Tune run shares nothing with the session's other actors.
     script = Path(__file__).with_name("law_study.py")

@@ -253,7 +253,14 @@ FitterActor = ray.remote(max_restarts=-1, max_task_retries=-1, num_cpus=0)(Fitte
 
 def get_or_create_fitter(name: str, out_dir: str, x: str = "compute") -> ray.actor.ActorHandle:
     """The detached fitter called `name` in namespace "rayrl"; created on first use (an existing
-    one keeps its own out_dir and x)."""
+    one keeps its own out_dir and x).
+
+    "DEFAULT" scheduling keeps the fitter out of the caller's placement group: created from a
+    Tune trial it would otherwise die with that trial's group and never restart."""
     return FitterActor.options(
-        name=name, namespace=NAMESPACE, lifetime="detached", get_if_exists=True
+        name=name,
+        namespace=NAMESPACE,
+        lifetime="detached",
+        get_if_exists=True,
+        scheduling_strategy="DEFAULT",
     ).remote(str(out_dir), x)
