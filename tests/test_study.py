@@ -1,8 +1,10 @@
 """The smoke study end to end: Tune, the FitterActor, faults, resume, report, and `ray job submit`."""
 
+import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -22,7 +24,7 @@ SMOKE = ROOT / "configs" / "smoke.yaml"
 pytestmark = [pytest.mark.e2e, pytest.mark.vllm]
 
 
-def wait_for(predicate, timeout=300.0):
+def wait_for(predicate, timeout=300.0, every=0.5):
     deadline = time.time() + timeout
     while time.time() < deadline:
         try:
@@ -31,8 +33,19 @@ def wait_for(predicate, timeout=300.0):
             found = None
         if found:
             return found
-        time.sleep(0.5)
+        time.sleep(every)
     raise TimeoutError
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct ports that nothing listens on right now."""
+    socks = [socket.socket() for _ in range(n)]
+    for sock in socks:
+        sock.bind(("127.0.0.1", 0))
+    ports = [sock.getsockname()[1] for sock in socks]
+    for sock in socks:
+        sock.close()
+    return ports
 
 
 def saboteur(cfg, study_dir, log):
@@ -66,8 +79,15 @@ def test_smoke_study_survives_faults_resumes_and_reports(ray_session, tmp_path):
     assert not df.duplicated(["run_id", "step"]).any()
     steps = cfg.grpo.data_budget // cfg.grpo.prompts_per_step
     expected = list(range(0, steps + 1, cfg.grpo.eval_every))
+    decisions = [json.loads(x) for x in (study_dir / "scheduler.jsonl").read_text().splitlines()]
+    stops = {d["run_id"]: d["step"] for d in decisions if d["action"] == "stop"}
     for run_id, g in df.groupby("run_id"):
-        assert sorted(g["step"]) == expected, run_id  # the killed-rollout trial finished too
+        steps = sorted(g["step"])
+        # every trial ran to its end, or to the step where the scheduler stopped it
+        last = stops.get(run_id, expected[-1])
+        assert steps == [s for s in expected if s <= last], (run_id, steps, stops)
+    # the trial whose rollout actor was killed at step >= 2 went on past it
+    assert max(df[df["run_id"] == killed[1]]["step"]) >= 4
     # the fitter came back and holds every row: none lost when it died
     fitter = ray.get_actor(cfg.study.name, namespace="rayrl")
     held = pd.DataFrame(ray.get(fitter.rows.remote()))
@@ -86,6 +106,7 @@ def test_smoke_study_survives_faults_resumes_and_reports(ray_session, tmp_path):
     assert before == (study_dir / "metrics.parquet").read_bytes()
 
 
+@pytest.mark.timeout(1200)
 def test_smoke_study_through_ray_job_submit_on_a_local_head(tmp_path):
     bin_dir = Path(sys.executable).parent
     # A loopback-only test cluster: Ray 2.60 turns token auth on by default, off here.
@@ -97,8 +118,9 @@ def test_smoke_study_through_ray_job_submit_on_a_local_head(tmp_path):
     }
     env.pop("RAY_ADDRESS", None)
     temp_dir = tempfile.mkdtemp(prefix="rr", dir="/tmp")  # unix socket paths must stay short
-    port = 8265 + os.getpid() % 500
-    gcs_port = 6379 + os.getpid() % 500
+    # Every port free and explicit: Ray's defaults (the agent's 52365, ...) are taken by the
+    # test session's own Ray, and a head whose agent cannot bind never accepts a job.
+    port, gcs_port, *agent_ports = free_ports(8)
     head = [
         str(bin_dir / "ray"),
         "start",
@@ -113,6 +135,21 @@ def test_smoke_study_through_ray_job_submit_on_a_local_head(tmp_path):
         "--include-dashboard",
         "true",
         "--disable-usage-stats",
+        *(
+            arg
+            for flag, p in zip(
+                (
+                    "--dashboard-agent-listen-port",
+                    "--dashboard-agent-grpc-port",
+                    "--runtime-env-agent-port",
+                    "--metrics-export-port",
+                    "--ray-client-server-port",
+                    "--node-manager-port",
+                ),
+                agent_ports,
+            )
+            for arg in (flag, str(p))
+        ),
         "--temp-dir",
         temp_dir,
     ]
@@ -136,12 +173,16 @@ def test_smoke_study_through_ray_job_submit_on_a_local_head(tmp_path):
             timeout=180,
         )
         out = tmp_path / "study"
+        job_id = f"rayrl-smoke-{os.getpid()}"
+
+        def ray_job(verb: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+            cmd = [str(bin_dir / "ray"), "job", verb, "--address", address, *args]
+            return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
         submit = [
-            str(bin_dir / "ray"),
-            "job",
-            "submit",
-            "--address",
-            address,
+            "--no-wait",
+            "--submission-id",
+            job_id,
             "--working-dir",
             str(ROOT),
             "--runtime-env",
@@ -155,12 +196,22 @@ def test_smoke_study_through_ray_job_submit_on_a_local_head(tmp_path):
             "--no-scheduler",
         ]
         for _ in range(60):  # the job agent comes up a while after the dashboard answers
-            job = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=900)
+            job = ray_job("submit", *submit)
             if "No available agent" not in job.stderr:
                 break
             time.sleep(5)
         assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
-        assert "succeeded" in (job.stdout + job.stderr).lower()
+
+        def finished() -> str | None:
+            status = ray_job("status", job_id).stdout.lower()  # "Job '<id>' succeeded", ...
+            return next((s for s in ("succeeded", "failed", "stopped") if s in status), None)
+
+        try:
+            final = wait_for(finished, timeout=780, every=10)
+        except TimeoutError:
+            final = "still running after 13 min"
+        logs = ray_job("logs", job_id).stdout
+        assert final == "succeeded", f"job {final}; its log ends:\n{logs[-4000:]}"
         assert (out / "report.md").exists()
         df = pd.read_parquet(out / "metrics.parquet")
         assert df["run_id"].nunique() == len(load_config(SMOKE).trials())
