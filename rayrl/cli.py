@@ -3,23 +3,36 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
 
-from rayrl.config import ConfigError, load_config
+from rayrl.config import Config, ConfigError, load_config
 
 
-def _init_ray(num_cpus: int | None = None) -> None:
-    """Join a running cluster when there is one (ray job submit, KubeRay), else start locally."""
+def _init_ray(cfg: Config, num_cpus: int | None = None, runs: int = 1) -> None:
+    """Join a running cluster when there is one (ray job submit, KubeRay), else start locally
+    with enough logical CPUs for `runs` concurrent runs (more than the cores is fine: a run's
+    actors take turns), and fail clearly where the cluster is too small to start one."""
     import ray
 
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=False)
-    else:
-        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    from rayrl.study import run_cpus
+
+    needed = run_cpus(cfg) * runs
+    if not ray.is_initialized():
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init(log_to_driver=False)
+        else:
+            cpus = num_cpus or max(os.cpu_count() or 1, math.ceil(needed))
+            ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+    have = ray.cluster_resources().get("CPU", 0.0)
+    if have < run_cpus(cfg):
+        raise ConfigError(
+            f"{cfg.source}: one run reserves {run_cpus(cfg):g} logical CPUs (resources: "
+            f"cpus_per_actor x its rollout, learner and reward actors) but the Ray cluster has "
+            f"{have:g}; lower resources.cpus_per_actor or pass --num-cpus"
+        )
 
 
 def cmd_models(args: argparse.Namespace) -> None:
@@ -47,7 +60,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         reuse_factor=args.reuse_factor or cfg.grpo.reuse_factor,
         seed=cfg.grpo.seed if args.seed is None else args.seed,
     )
-    _init_ray(args.num_cpus)
+    _init_ray(cfg, args.num_cpus)
     run_dir = Path(args.out) if args.out else None
     out = train(cfg, spec, run_dir, resume=args.resume)
     print(f"run written to {out}")
@@ -57,7 +70,7 @@ def cmd_study(args: argparse.Namespace) -> None:
     from rayrl.study import run_study
 
     cfg = load_config(args.config)
-    _init_ray(args.num_cpus)
+    _init_ray(cfg, args.num_cpus, runs=cfg.study.max_concurrent)
     out = run_study(cfg, scheduler=not args.no_scheduler, out_dir=args.out)
     print(f"study written to {out}")
 

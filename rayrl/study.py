@@ -40,6 +40,11 @@ def trial_resources(cfg: Config) -> tune.PlacementGroupFactory:
     return tune.PlacementGroupFactory(bundles)
 
 
+def run_cpus(cfg: Config) -> float:
+    """Logical CPUs one run (one trial) reserves."""
+    return sum(b.get("CPU", 0.0) for b in trial_resources(cfg).bundles)
+
+
 def run_trial(params: dict[str, Any], cfg: Config, study_dir: str) -> None:
     """The Tune trainable: one GRPO run, resumed from its own checkpoint when one exists."""
     from rayrl.scaling.fitter import get_or_create_fitter
