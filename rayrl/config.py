@@ -58,6 +58,9 @@ class LadderConfig:
     pretrain_lr_width: int = 32
     # Share of max-digit problems in the pre-training corpus; the rest spreads over fewer digits.
     pretrain_hardest_share: float = 0.2
+    # Share of corpus answers written bare, without \boxed{}: the format habit base models
+    # bring to RL (the verifier scores them 0), shared by every problem, so RL can unlearn it.
+    pretrain_unboxed_share: float = 0.0
     eval_problems: int = 500  # held-out problems behind the table's pass@1
     eval_samples: int = 4  # samples per problem at grpo.eval_temperature
     seed: int = 0
@@ -396,12 +399,10 @@ def validate(cfg: Config) -> None:
     ):
         need(getattr(lad, name) > 0, f"ladder.{name}", "a positive integer", getattr(lad, name))
     need(lad.pretrain_lr > 0, "ladder.pretrain_lr", "a positive learning rate", lad.pretrain_lr)
-    need(
-        0 <= lad.pretrain_hardest_share <= 1,
-        "ladder.pretrain_hardest_share",
-        "a share in [0, 1]",
-        lad.pretrain_hardest_share,
-    )
+    for name in ("pretrain_hardest_share", "pretrain_unboxed_share"):
+        need(
+            0 <= getattr(lad, name) <= 1, f"ladder.{name}", "a share in [0, 1]", getattr(lad, name)
+        )
     # vLLM's CPU attention kernels exist for these head sizes only.
     if cfg.resources.device == "cpu":
         for i, m in enumerate(lad.models):

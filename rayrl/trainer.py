@@ -161,17 +161,17 @@ class Run:
         t["reward"] = time.perf_counter() - t0
 
         adv, flat_groups = group_advantages(rewards, spec.rollout_n, g.adv_eps)
-        # Groups whose rewards are all equal carry no policy gradient; they are dropped rather
-        # than left to feed Adam a KL-only update that it would rescale to full step size.
+        # Flat groups (all rewards equal) have zero advantage but stay in the token-mean, as in
+        # the paper: a batch with one informative group then moves the policy a little, not a
+        # full Adam step. A batch of flat groups only is skipped: it would be a KL-only update.
         batch = [
             TrainItem(p, list(s.token_ids), float(a))
             for p, grp, a_grp in zip(prompts, groups, adv.view(-1, spec.rollout_n))
-            if a_grp.abs().sum() > 0
             for s, a in zip(grp, a_grp)
         ]
         t0, t["learn"] = time.perf_counter(), 0.0
         learn, sync = SKIPPED_UPDATE, SyncStats(0, 0.0, 0, 0)
-        if len(batch) >= self.cfg.resources.learners:
+        if flat_groups < len(prompts):
             learn = self.learners.train(batch, g.temperature)
             t["learn"] = time.perf_counter() - t0
             t0 = time.perf_counter()

@@ -71,6 +71,11 @@ def test_shipped_configs_load(name):
         ("study:\n  models: [nope]\n", "study.models", "names of ladder.models entries"),
         ("data:\n  source: guru\n", "data.train_path", "parquet path"),
         ("grpo:\n  temperature: 0\n", "grpo.temperature", "positive"),
+        (
+            "ladder:\n  pretrain_unboxed_share: 1.5\n",
+            "ladder.pretrain_unboxed_share",
+            "a share in [0, 1]",
+        ),
     ],
 )
 def test_bad_configs_name_file_key_and_expectation(tmp_path, text, key, expected):

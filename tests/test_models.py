@@ -72,16 +72,20 @@ def test_tokenizer_round_trip(tmp_path: Path):
 def test_corpus_batch_trains_on_completions_only_and_skips_held_out():
     tok = build_tokenizer()
     exclude = set(held_out(100, 2, seed=0))  # half of all 1-digit problems, 50 2-digit ones
-    ids, mask, labels = corpus_batch(random.Random(0), tok, 512, 2, exclude, hardest_share=0.25)
-    two_digit = 0
+    ids, mask, labels = corpus_batch(
+        random.Random(0), tok, 512, 2, exclude, hardest_share=0.25, unboxed_share=0.4
+    )
+    two_digit = bare = 0
     for row_ids, row_mask, row_labels in zip(ids, mask, labels):
         text = tok.decode(row_ids[row_mask.bool()])
         a, b = map(int, text[2 : text.index("=")].split("+"))
         assert (a, b) not in exclude
         two_digit += max(a, b) >= 10
         completion = tok.decode(row_labels[row_labels != -100])
-        assert completion == f"\\boxed{{{a + b}}}{tok.eos_token}"
+        assert completion in (f"\\boxed{{{a + b}}}{tok.eos_token}", f"{a + b}{tok.eos_token}")
+        bare += not completion.startswith("\\boxed")
     assert 0.15 < two_digit / 512 < 0.35  # the hardest level's share of the corpus
+    assert 0.3 < bare / 512 < 0.5  # answers written without \\boxed{}: the habit RL unlearns
 
 
 def test_learning_rate_warms_up_then_decays():

@@ -100,7 +100,7 @@ class Learner:
         self.engine.train()
         chunks = split_even(items, min(self.gas, len(items)))
         for i, chunk in enumerate(chunks):
-            # Dropped flat groups make batches smaller than planned: step on the last chunk.
+            # Step on the last micro-batch, whatever DeepSpeed's own call counter says.
             self.engine.set_gradient_accumulation_boundary(i == len(chunks) - 1)
             b = collate(chunk, self.pad_id).to(self.device)
             logits = self.engine(input_ids=b.input_ids, attention_mask=b.attention_mask).logits[

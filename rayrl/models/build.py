@@ -66,6 +66,7 @@ def build_model(
             data.max_digits,
             set(test),
             lad.pretrain_hardest_share,
+            unboxed_share=lad.pretrain_unboxed_share,
             seed=lad.seed,
             on_steps=on_steps,
         )

@@ -28,7 +28,7 @@ from rayrl.models.entry import ENTRY_FILE, LadderEntry
 
 __all__ = ["LadderEntry", "build_ladder", "format_table", "ladder_dir", "model_path"]
 
-CACHE_VERSION = 2  # bump when pre-training or evaluation code changes what a build produces
+CACHE_VERSION = 3  # bump when pre-training or evaluation code changes what a build produces
 MANIFEST = "ladder.json"
 ARCHITECTURE = ("hidden", "layers", "heads", "kv_heads", "intermediate", "tie_embeddings")
 
@@ -51,6 +51,7 @@ def cache_key(cfg: Config, spec: ModelSpec) -> str:
             lad.pretrain_lr,
             lad.pretrain_lr_width,
             lad.pretrain_hardest_share,
+            lad.pretrain_unboxed_share,
             lad.seed,
         ],
         "eval": [lad.eval_problems, lad.eval_samples, cfg.grpo.eval_temperature],

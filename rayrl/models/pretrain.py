@@ -1,7 +1,8 @@
 """Base pre-training of a ladder model on the synthetic arithmetic corpus (plain PyTorch).
 
 The corpus is "prompt + \\boxed{answer}<eos>" for fresh random problems of every level up to
-the task's max digits, never a held-out problem. The loss covers the completion only: the
+the task's max digits, never a held-out problem; an `unboxed_share` of answers is written
+bare ("prompt + answer<eos>"), a format habit for RL to remove. The loss covers the completion only: the
 operands are random, so predicting them teaches nothing.
 """
 
@@ -14,7 +15,14 @@ from collections.abc import Callable
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
-from rayrl.data.synthetic import Operands, completion_text, corpus_level, draw_pair, prompt_text
+from rayrl.data.synthetic import (
+    Operands,
+    answer,
+    completion_text,
+    corpus_level,
+    draw_pair,
+    prompt_text,
+)
 
 
 def corpus_batch(
@@ -24,6 +32,7 @@ def corpus_batch(
     max_digits: int,
     exclude: set[Operands],
     hardest_share: float,
+    unboxed_share: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(input_ids, attention_mask, labels), right-padded; labels are -100 outside completions."""
     problems: list[Operands] = []
@@ -34,9 +43,10 @@ def corpus_batch(
             p = draw_pair(rng, digits)
         problems.append(p)
     prompts = tokenizer([prompt_text(p) for p in problems], add_special_tokens=False)["input_ids"]
-    answers = tokenizer([completion_text(p) for p in problems], add_special_tokens=False)[
-        "input_ids"
+    texts = [
+        str(answer(p)) if rng.random() < unboxed_share else completion_text(p) for p in problems
     ]
+    answers = tokenizer(texts, add_special_tokens=False)["input_ids"]
     seqs = [(q, a + [tokenizer.eos_token_id]) for q, a in zip(prompts, answers)]
     width = max(len(q) + len(a) for q, a in seqs)
     ids = torch.full((batch, width), tokenizer.pad_token_id)
@@ -70,6 +80,7 @@ def pretrain(
     max_digits: int,
     exclude: set[Operands],
     hardest_share: float,
+    unboxed_share: float = 0.0,
     seed: int = 0,
     on_steps: Callable[[int], None] | None = None,
     report_every: int = 25,
@@ -86,7 +97,9 @@ def pretrain(
     for step in range(steps):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, lr)
-        ids, mask, labels = corpus_batch(rng, tokenizer, batch, max_digits, exclude, hardest_share)
+        ids, mask, labels = corpus_batch(
+            rng, tokenizer, batch, max_digits, exclude, hardest_share, unboxed_share
+        )
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
