@@ -132,10 +132,13 @@ class Run:
             seed=spec.seed,
             name=f"rollout:{spec.run_id}",
         )
+        # Learners before reward workers: inside a trial's placement group an actor takes any
+        # bundle with room, and a 0.5-CPU reward worker placed first could split the learner's
+        # 1-CPU bundle, leaving the learner unplaceable for ever (seen in the tiny study).
+        self.learners = LearnerGroup(self.model_dir, g, r, spec.rollout_n)
         self.rewards = RewardPool(
             num_workers=r.reward_workers, num_cpus_per_worker=min(r.cpus_per_actor, 0.5)
         )
-        self.learners = LearnerGroup(self.model_dir, g, r, spec.rollout_n)
         self.rollout.connect(self.learners)
 
     # --- one step ------------------------------------------------------------------------
