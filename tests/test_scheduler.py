@@ -6,8 +6,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from ray.tune.schedulers import TrialScheduler
 
-from rayrl.scaling.scheduler import decide
+from rayrl.scaling.scheduler import ScalingLawScheduler, decide
 
 STEPS = 20  # law_study.STEPS: each trial reports 20 steps
 
@@ -74,3 +75,27 @@ def test_scheduler_stops_dominated_trials_keeps_winner_and_saves_compute(tmp_pat
     assert all(off[m]["test_loss"] > off["big"]["test_loss"] for m in stopped)
     assert all(d["action"] == "continue" for d in off_decisions)
     assert any("would stop" in d["reason"] for d in off_decisions)
+
+
+def test_rivals_are_runs_of_the_same_sweep_and_a_shared_baseline_must_lose_in_all(monkeypatch):
+    sched = ScalingLawScheduler(fitter_name="unused", grace_fraction=0.25)
+    preds = {
+        "big": {"mean": 0.1, "lo": 0.08, "hi": 0.12},  # wins the size sweep
+        "small-tau1": {"mean": 0.8, "lo": 0.78, "hi": 0.82},
+        "small-tau4": {"mean": 0.8, "lo": 0.78, "hi": 0.82},
+    }
+    monkeypatch.setattr(sched, "_predict", fake_predict(preds))
+
+    def report(run_id, sweeps, step=10):
+        result = {"run_id": run_id, "step": step, "total_steps": 20, "test_loss": 0.8}
+        return sched.on_trial_result(None, None, {**result, "compute_flops": 1.0, "sweeps": sweeps})
+
+    report("big", "size")
+    # in the reuse sweep only: the big model of the size sweep is no rival
+    assert report("small-tau4", "reuse") == TrialScheduler.CONTINUE
+    # the tau = 1 baseline loses the size sweep but is not beaten in the reuse sweep
+    assert report("small-tau1", "size,reuse") == TrialScheduler.CONTINUE
+    # once a reuse rival clearly beats it too, it loses everywhere and stops
+    preds["small-tau4"] = {"mean": 0.3, "lo": 0.28, "hi": 0.32}
+    report("small-tau4", "reuse", step=11)
+    assert report("small-tau1", "size,reuse", step=11) == TrialScheduler.STOP

@@ -4,6 +4,10 @@ After a grace fraction of its steps, a trial's final test loss is predicted by t
 FitterActor (intra-model protocol, with an interval). The trial is stopped once the
 lower end of that interval is above the upper end of the best rival's predicted loss
 at the same compute: even its optimistic case loses to another run's pessimistic one.
+
+Rivals are the runs of the same sweep: a reuse or rollout-n sweep compares one model's
+settings, so a bigger model winning the size sweep must not stop them. A run in several
+sweeps (the shared tau = 1 baseline) is stopped only when it loses in every one of them.
 """
 
 from __future__ import annotations
@@ -103,6 +107,7 @@ class ScalingLawScheduler(FIFOScheduler):
         self.grace_fraction, self.enabled, self.log_path = grace_fraction, enabled, log_path
         self.x_col = "compute_flops" if x == "compute" else "data_samples"
         self.ends: dict[str, float] = {}  # run_id -> projected final x
+        self.sweeps: dict[str, set[str]] = {}  # run_id -> the sweeps it belongs to
         self.stopped: set[str] = set()
 
     def _predict(self, run_id: str, x_end: float) -> dict | None:
@@ -120,17 +125,28 @@ class ScalingLawScheduler(FIFOScheduler):
         x_now = float(result[self.x_col])
         if step > 0:
             self.ends[run_id] = x_now * total / step
-        rivals = {r: e for r, e in self.ends.items() if r != run_id}
-        d = decide(
-            run_id,
-            step,
-            total,
-            x_now,
-            float(result["test_loss"]),
-            self.grace_fraction,
-            self._predict,
-            rivals,
-        )
+        # Results without sweep names (a plain Tune trainable) form one sweep together.
+        mine = self.sweeps.setdefault(run_id, set(str(result.get("sweeps", "")).split(",")))
+        decisions = [
+            decide(
+                run_id,
+                step,
+                total,
+                x_now,
+                float(result["test_loss"]),
+                self.grace_fraction,
+                self._predict,
+                {
+                    r: e
+                    for r, e in self.ends.items()
+                    if r != run_id and sweep in self.sweeps.get(r, set())
+                },
+            )
+            for sweep in sorted(mine)
+        ]
+        # Stop only when it loses in every sweep; report the first reason it stays otherwise.
+        stays = [x for x in decisions if x.action != "stop"]
+        d = stays[0] if stays else decisions[0]
         if d.action == "stop" and not self.enabled:
             d.action, d.reason = "continue", "scheduler off; would stop: " + d.reason
         if self.log_path and step > 0:
