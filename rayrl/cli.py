@@ -19,17 +19,17 @@ def _init_ray(cfg: Config, num_cpus: int | None = None, runs: int = 1) -> None:
 
     from rayrl.study import run_cpus
 
-    needed = run_cpus(cfg) * runs
+    per_run = run_cpus(cfg)
     if not ray.is_initialized():
         if os.environ.get("RAY_ADDRESS"):
             ray.init(log_to_driver=False)
         else:
-            cpus = num_cpus or max(os.cpu_count() or 1, math.ceil(needed))
+            cpus = num_cpus or max(os.cpu_count() or 1, math.ceil(per_run * runs))
             ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
     have = ray.cluster_resources().get("CPU", 0.0)
-    if have < run_cpus(cfg):
+    if have < per_run:
         raise ConfigError(
-            f"{cfg.source}: one run reserves {run_cpus(cfg):g} logical CPUs (resources: "
+            f"{cfg.source}: one run reserves {per_run:g} logical CPUs (resources: "
             f"cpus_per_actor x its rollout, learner and reward actors) but the Ray cluster has "
             f"{have:g}; lower resources.cpus_per_actor or pass --num-cpus"
         )

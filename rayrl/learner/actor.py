@@ -98,9 +98,10 @@ class Learner:
         totals = {"loss": 0.0, "pg_loss": 0.0, "kl": 0.0, "clip_frac": 0.0}
         processed = 0
         self.engine.train()
-        chunks = split_even(items, min(self.gas, len(items)))
+        chunks = split_even(items, self.gas)
         for i, chunk in enumerate(chunks):
-            # Step on the last micro-batch, whatever DeepSpeed's own call counter says.
+            # The optimizer steps on the shard's last micro-batch, set here rather than left to
+            # DeepSpeed's running micro-step count.
             self.engine.set_gradient_accumulation_boundary(i == len(chunks) - 1)
             b = collate(chunk, self.pad_id).to(self.device)
             logits = self.engine(input_ids=b.input_ids, attention_mask=b.attention_mask).logits[

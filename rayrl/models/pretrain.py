@@ -2,8 +2,8 @@
 
 The corpus is "prompt + \\boxed{answer}<eos>" for fresh random problems of every level up to
 the task's max digits, never a held-out problem; an `unboxed_share` of answers is written
-bare ("prompt + answer<eos>"), a format habit for RL to remove. The loss covers the completion only: the
-operands are random, so predicting them teaches nothing.
+bare ("prompt + answer<eos>"), a format habit for RL to remove. The loss covers the
+completion only: the operands are random, so predicting them teaches nothing.
 """
 
 from __future__ import annotations

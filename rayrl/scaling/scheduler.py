@@ -12,6 +12,7 @@ sweeps (the shared tau = 1 baseline) is stopped only when it loses in every one 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -127,6 +128,7 @@ class ScalingLawScheduler(FIFOScheduler):
             self.ends[run_id] = x_now * total / step
         # Results without sweep names (a plain Tune trainable) form one sweep together.
         mine = self.sweeps.setdefault(run_id, set(str(result.get("sweeps", "")).split(",")))
+        predict = functools.cache(self._predict)  # one fitter call per run, however many sweeps
         decisions = [
             decide(
                 run_id,
@@ -135,7 +137,7 @@ class ScalingLawScheduler(FIFOScheduler):
                 x_now,
                 float(result["test_loss"]),
                 self.grace_fraction,
-                self._predict,
+                predict,
                 {
                     r: e
                     for r, e in self.ends.items()
