@@ -11,15 +11,21 @@ from pathlib import Path
 from rayrl.config import Config, ConfigError, load_config
 
 
-def _init_ray(cfg: Config, num_cpus: int | None = None, runs: int = 1) -> None:
+def _init_ray(
+    cfg: Config,
+    num_cpus: int | None = None,
+    runs: int = 1,
+    models: list[tuple[str, str]] | None = None,
+) -> None:
     """Join a running cluster when there is one (ray job submit, KubeRay), else start locally
-    with enough logical CPUs for `runs` concurrent runs (more than the cores is fine: a run's
-    actors take turns), and fail clearly where the cluster is too small to start one."""
+    with enough logical CPUs for `runs` concurrent runs of the largest of `models` (default:
+    the study's; more than the cores is fine: a run's actors take turns), and fail clearly
+    where the cluster is too small to start one."""
     import ray
 
     from rayrl.study import run_cpus
 
-    per_run = run_cpus(cfg)
+    per_run = run_cpus(cfg, models)
     if not ray.is_initialized():
         if os.environ.get("RAY_ADDRESS"):
             ray.init(log_to_driver=False)
@@ -60,7 +66,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         reuse_factor=args.reuse_factor or cfg.grpo.reuse_factor,
         seed=cfg.grpo.seed if args.seed is None else args.seed,
     )
-    _init_ray(cfg, args.num_cpus)
+    _init_ray(cfg, args.num_cpus, models=[(spec.model, spec.family)])
     run_dir = Path(args.out) if args.out else None
     out = train(cfg, spec, run_dir, resume=args.resume)
     print(f"run written to {out}")

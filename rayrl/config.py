@@ -37,6 +37,9 @@ class ModelSpec:
     kv_heads: int = 2
     intermediate: int = 0  # 0 means 4 * hidden
     tie_embeddings: bool = False
+    # This model's pools over the top-level `resources` (any key but device), e.g.
+    # {tensor_parallel: 2, learners: 8} for a 0.5B model in a grid sized for 72B.
+    resources: dict[str, Any] = field(default_factory=dict)
 
 
 # Head sizes that vLLM's CPU attention backend supports (vllm/v1/attention/backends/cpu_attn.py).
@@ -194,6 +197,14 @@ class Config:
                 trial["sweeps"].append(sw.name)
         return list(out.values())
 
+    def resources_for(self, model: str, family: str | None = None) -> ResourcesConfig:
+        """The pools one run of `model` gets: `resources` with the model's own overrides
+        (a model given by path, not listed under ladder.models, gets `resources`)."""
+        for spec in self.ladder.models:
+            if spec.name == model and family in (None, spec.family):
+                return dataclasses.replace(self.resources, **spec.resources)
+        return self.resources
+
     def model(self, name: str, family: str | None = None) -> ModelSpec:
         for spec in self.ladder.models:
             if spec.name == name and family in (None, spec.family):
@@ -268,6 +279,10 @@ def _coerce(tp: Any, value: Any, where: str, key: str) -> Any:
                 f"{where}: key '{key}' expected one of {list(choices)}, got {value!r}"
             )
         return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: key '{key}' expected a mapping, got {value!r}")
+        return dict(value)
     if origin in (typing.Union, types.UnionType):
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
@@ -333,16 +348,35 @@ def validate(cfg: Config) -> None:
     for n in sorted({n for grid in grids for n in grid.rollout_n}):
         need(n >= 2, "study.rollout_n", "group sizes of at least 2", n)
 
-    r = cfg.resources
-    for name in ("rollout_workers", "tensor_parallel", "learners", "reward_workers"):
-        need(getattr(r, name) >= 1, f"resources.{name}", "an integer >= 1", getattr(r, name))
-    need(r.zero_stage in (0, 1, 2, 3), "resources.zero_stage", "0, 1, 2 or 3", r.zero_stage)
-    need(
-        r.vllm_kv_cache_gib > 0,
-        "resources.vllm_kv_cache_gib",
-        "a positive size",
-        r.vllm_kv_cache_gib,
-    )
+    def check_resources(r: ResourcesConfig, prefix: str) -> None:
+        for name in ("rollout_workers", "tensor_parallel", "learners", "reward_workers"):
+            need(getattr(r, name) >= 1, f"{prefix}.{name}", "an integer >= 1", getattr(r, name))
+        need(r.zero_stage in (0, 1, 2, 3), f"{prefix}.zero_stage", "0, 1, 2 or 3", r.zero_stage)
+        need(
+            r.cpus_per_actor > 0, f"{prefix}.cpus_per_actor", "a positive number", r.cpus_per_actor
+        )
+        need(
+            r.vllm_kv_cache_gib > 0,
+            f"{prefix}.vllm_kv_cache_gib",
+            "a positive size",
+            r.vllm_kv_cache_gib,
+        )
+        if r.device == "cpu":
+            need(r.tensor_parallel == 1, f"{prefix}.tensor_parallel", "1 on cpu", r.tensor_parallel)
+
+    check_resources(cfg.resources, "resources")
+    hints = typing.get_type_hints(ResourcesConfig)
+    for i, m in enumerate(cfg.ladder.models):
+        prefix = f"ladder.models[{i}].resources"
+        for name, value in m.resources.items():
+            need(
+                name in hints and name != "device",
+                f"{prefix}.{name}",
+                f"one of {[k for k in hints if k != 'device']} (device is study-wide)",
+                name,
+            )
+            m.resources[name] = _coerce(hints[name], value, where, f"{prefix}.{name}")
+        check_resources(cfg.resources_for(m.name, m.family), prefix)
 
     d = cfg.data
     need(d.test_size > 0, "data.test_size", "a positive integer", d.test_size)

@@ -139,6 +139,28 @@ def _law_line(summary: dict[str, Any], axis: str) -> str:
     )
 
 
+def _trend_table(summary: dict[str, Any]) -> list[str]:
+    """Each size's own log-log line on compute: is the trend there, and how straight is it."""
+    law = summary.get("laws", {}).get("compute")
+    if not law or not law.get("r2_size"):
+        return []
+    lines = [
+        "Each size's own line, log L = -k̂ log C + Ê, runs pooled (per-size panels below):",
+        "",
+        "| size | N | k̂ ± SE (runs) | k̂ / SE | R² of the size's line | residual SD of log L under the joint law |",
+        "|---|---|---|---|---|---|",
+    ]
+    for i, label in enumerate(law["labels"]):
+        k, se = law["k_hat"][i], law["k_hat_se"][i]
+        se_txt, t_txt = (f"{se:.3g}", f"{k / se:.1f}") if se else ("n/a (one run)", "n/a")
+        r2 = law["r2_size"][i]
+        lines.append(
+            f"| {label} | {law['sizes'][i]:,.0f} | {k:.4g} ± {se_txt} | {t_txt} | "
+            f"{'n/a' if r2 is None else f'{r2:.3f}'} | {law['resid_sd'][i]:.3f} |"
+        )
+    return lines + [""]
+
+
 def write_report(study_dir: Path) -> Path:
     """Write study_dir/report.md and its figures; returns the report's path."""
     from rayrl.scaling.commands import plan_command
@@ -176,8 +198,10 @@ def write_report(study_dir: Path) -> Path:
         )
     lines += ["", "## Scaling laws: log L = -k(N)·log X + E(N), k(N) = k_max / (1 + N0/N)", ""]
     lines += [_law_line(fit_c, "compute"), _law_line(fit_d, "data"), ""]
+    lines += _trend_table(fit_c)
     for fit_name, x in (("fit", "compute"), ("fit_data", "data")):
-        for fig in (f"{fit_name}_loss_vs_{x}.png", f"{fit_name}_k_vs_N.png"):
+        figs = [f"{fit_name}_loss_vs_{x}.png", f"{fit_name}_per_size_{x}.png"]
+        for fig in figs + [f"{fit_name}_k_vs_N.png"]:
             if (study_dir / fig).exists():
                 lines += [f"![{fig}]({fig})", ""]
     proto = fit_c.get("protocol") or {}

@@ -29,9 +29,11 @@ def param_space(cfg: Config) -> dict[str, Any]:
     return {"trial": tune.grid_search(cfg.trials())}
 
 
-def trial_resources(cfg: Config) -> tune.PlacementGroupFactory:
-    """One bundle for the trial driver, then one per actor of the run's pools."""
-    r = cfg.resources
+def trial_resources(
+    cfg: Config, model: str, family: str | None = None
+) -> tune.PlacementGroupFactory:
+    """One bundle for the trial driver, then one per actor of the model's pools."""
+    r = cfg.resources_for(model, family)
     gpu = 1 if r.device == "gpu" else 0
     bundles = [{"CPU": 0.1}]
     bundles += [{"CPU": r.cpus_per_actor, "GPU": gpu * r.tensor_parallel}] * r.rollout_workers
@@ -40,9 +42,13 @@ def trial_resources(cfg: Config) -> tune.PlacementGroupFactory:
     return tune.PlacementGroupFactory(bundles)
 
 
-def run_cpus(cfg: Config) -> float:
-    """Logical CPUs one run (one trial) reserves."""
-    return sum(b.get("CPU", 0.0) for b in trial_resources(cfg).bundles)
+def run_cpus(cfg: Config, models: list[tuple[str, str]] | None = None) -> float:
+    """Logical CPUs the largest run of `models` (model, family), by default the study's, reserves."""
+    models = models or [(t["model"], t["family"]) for t in cfg.trials()]
+    return max(
+        (sum(b.get("CPU", 0.0) for b in trial_resources(cfg, m, f).bundles) for m, f in models),
+        default=0.0,
+    )
 
 
 def run_trial(params: dict[str, Any], cfg: Config, study_dir: str) -> None:
@@ -108,7 +114,8 @@ def run_study(cfg: Config, scheduler: bool = True, out_dir: str | None = None) -
     catch_up(fitter, collect_metrics(study_dir))
 
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, cfg=cfg, study_dir=str(study_dir)), trial_resources(cfg)
+        tune.with_parameters(run_trial, cfg=cfg, study_dir=str(study_dir)),
+        lambda params: trial_resources(cfg, params["trial"]["model"], params["trial"]["family"]),
     )
     sched = ScalingLawScheduler(
         fitter_name=cfg.study.name,

@@ -111,7 +111,7 @@ class Run:
         run_dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, run_dir / "config.yaml")
         (run_dir / "run.json").write_text(json.dumps(dataclasses.asdict(spec)))
-        g, r = cfg.grpo, cfg.resources
+        g, r = cfg.grpo, cfg.resources_for(spec.model, spec.family)
         self.model_dir = resolve_model_dir(cfg, spec.model, spec.family)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         self.n_params = ladder_params(self.model_dir)

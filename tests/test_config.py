@@ -27,6 +27,9 @@ def test_shipped_configs_load(name):
     assert cfg.source.endswith(name)
 
 
+M = "ladder:\n  models:\n  - {name: a, hidden: 32, layers: 1, heads: 1, kv_heads: 1, resources: %s}\n"
+
+
 @pytest.mark.parametrize(
     "text, key, expected",
     [
@@ -71,6 +74,12 @@ def test_shipped_configs_load(name):
         ("study:\n  models: [nope]\n", "study.models", "names of ladder.models entries"),
         ("data:\n  source: guru\n", "data.train_path", "parquet path"),
         ("grpo:\n  temperature: 0\n", "grpo.temperature", "positive"),
+        (M % "{device: gpu}", "ladder.models[0].resources.device", "study-wide"),
+        (M % "{learner: 4}", "ladder.models[0].resources.learner", "one of"),
+        (M % "{learners: many}", "ladder.models[0].resources.learners", "expected int"),
+        (M % "{learners: 0}", "ladder.models[0].resources.learners", ">= 1"),
+        (M % "{tensor_parallel: 2}", "ladder.models[0].resources.tensor_parallel", "1 on cpu"),
+        (M % "4", "ladder.models[0].resources", "expected a mapping"),
         (
             "ladder:\n  pretrain_unboxed_share: 1.5\n",
             "ladder.pretrain_unboxed_share",
@@ -117,6 +126,30 @@ def test_sweeps_union_without_the_cross_product(tmp_path):
     shared = next(t for t in trials if (t["model"], t["reuse_factor"], t["seed"]) == ("a", 1, 0))
     assert shared["sweeps"] == ["size", "reuse"]
     assert all(t["rollout_n"] == 4 for t in trials)  # empty axis: the grpo value
+
+
+def test_a_models_resources_override_the_study_wide_pools(tmp_path):
+    from rayrl.study import run_cpus, trial_resources
+
+    path = write(
+        tmp_path,
+        "ladder:\n  models:\n  - {name: a, hidden: 32, layers: 1, heads: 1, kv_heads: 1}\n"
+        "  - {name: b, hidden: 64, layers: 1, heads: 2, kv_heads: 1,\n"
+        "     resources: {learners: 3, cpus_per_actor: 2}}\n"
+        "resources:\n  learners: 2\n  reward_workers: 2\n"
+        "study:\n  models: [a, b]\n",
+    )
+    cfg = load_config(path)
+    a, b = cfg.resources_for("a"), cfg.resources_for("b", "base")
+    assert (a.learners, a.cpus_per_actor, a.reward_workers) == (2, 1.0, 2)
+    assert (b.learners, b.cpus_per_actor, b.reward_workers) == (3, 2.0, 2)
+    assert cfg.resources_for("/some/model/path") == cfg.resources
+    # driver + 1 rollout + learners + reward workers (at most 0.5 CPU each)
+    assert [sum(x["CPU"] for x in trial_resources(cfg, m).bundles) for m in "ab"] == [
+        0.1 + 1 + 2 + 1,
+        0.1 + 2 + 6 + 1,
+    ]
+    assert run_cpus(cfg) == 9.1 and run_cpus(cfg, [("a", "base")]) == 4.1
 
 
 def test_dumped_config_loads_back_equal(tmp_path):

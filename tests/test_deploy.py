@@ -445,26 +445,48 @@ def test_rayjob_runs_the_study_and_cleans_up():
     )
 
 
-def test_rayjob_cluster_fits_the_largest_trial_of_each_config():
-    """Mirrors rayrl.study.trial_resources: one bundle per rollout engine (tensor_parallel
-    GPUs, on one node), per learner (1 GPU) and per reward worker."""
+# Attention heads of the paper's models (their config.json): vLLM shards heads, so a model's
+# tensor_parallel must divide them.
+ATTENTION_HEADS = {
+    "qwen2.5-0.5b": 14,
+    "qwen2.5-1.5b": 12,
+    "qwen2.5-3b": 16,
+    "qwen2.5-7b": 28,
+    "qwen2.5-14b": 40,
+    "qwen2.5-32b": 40,
+    "qwen2.5-72b": 64,
+    "llama3.2-1b": 32,
+    "llama3.2-3b": 24,
+    "llama3.1-8b": 32,
+    "llama3.1-70b": 64,
+}
+
+
+@pytest.mark.parametrize("name", CLUSTER_CONFIGS)
+def test_rayjob_cluster_fits_every_trial_and_its_engines_fit_their_models(name):
+    """Each model's placement group (rayrl.study.trial_resources: one bundle per rollout engine
+    of tensor_parallel GPUs on one node, per learner and per reward worker) fits the cluster,
+    and its tensor_parallel divides the model's attention heads."""
+    from rayrl.study import trial_resources
+
     (job,) = by_kind("RayJob")
-    workers = cluster_spec(job)["workerGroupSpecs"]
     nodes = []
-    for g in workers:
+    for g in cluster_spec(job)["workerGroupSpecs"]:
         lim = g["template"]["spec"]["containers"][0]["resources"]["limits"]
         nodes += [(int(lim.get("nvidia.com/gpu", 0)), float(lim["cpu"]))] * g["replicas"]
-    for name in CLUSTER_CONFIGS:
-        r = load_config(ROOT / "configs" / name).resources
-        gpus = r.rollout_workers * r.tensor_parallel + r.learners
-        cpus = (
-            0.1
-            + (r.rollout_workers + r.learners) * r.cpus_per_actor
-            + r.reward_workers * min(r.cpus_per_actor, 0.5)
-        )
-        assert gpus <= sum(n[0] for n in nodes), f"{name}: {gpus} GPUs per trial"
-        assert cpus <= sum(n[1] for n in nodes), f"{name}: {cpus} CPUs per trial"
-        assert r.tensor_parallel <= max(n[0] for n in nodes), f"{name}: one engine spans nodes"
+    cfg = load_config(ROOT / "configs" / name)
+    gpus_of = {}
+    for model in cfg.study.models:
+        bundles = trial_resources(cfg, model).bundles
+        gpus_of[model] = sum(b.get("GPU", 0) for b in bundles)
+        assert gpus_of[model] <= sum(n[0] for n in nodes), f"{model}: {gpus_of[model]} GPUs"
+        cpus = sum(b["CPU"] for b in bundles)
+        assert cpus <= sum(n[1] for n in nodes), f"{model}: {cpus} CPUs per trial"
+        tp = cfg.resources_for(model).tensor_parallel
+        assert tp <= max(n[0] for n in nodes), f"{model}: one engine spans nodes"
+        assert ATTENTION_HEADS[model] % tp == 0, f"{model}: tensor_parallel {tp}"
+    # the smallest trials leave room for others: max_concurrent is not idle
+    assert min(gpus_of.values()) * cfg.study.max_concurrent <= sum(n[0] for n in nodes)
 
 
 # --- runtime_env.yaml ---------------------------------------------------------------------------

@@ -42,6 +42,7 @@ def test_fit_writes_fit_json_and_figures(metrics, tmp_path, protocol):
     assert [p.split("/")[-1] for p in doc["figures"]] == [
         "fit_loss_vs_compute.png",
         "fit_k_vs_N.png",
+        "fit_per_size_compute.png",
     ]
     for p in doc["figures"]:
         assert open(p, "rb").read(8) == PNG

@@ -151,3 +151,27 @@ def test_baseline_rows_and_optional_columns(paper_table):
     assert p.excluded == {"compute_flops == 0 (baseline)": 21} and p.warnings == []
     assert np.all(p.w == 1)  # no test_loss_se: unweighted
     assert fit_main_law(p).k(72e9) == pytest.approx(k_of_N(72e9, 0.135, 13.1e9), rel=0.1)
+
+
+def test_each_sizes_own_line_is_its_pooled_least_squares_line(paper_table):
+    """k_hat, E_hat and r2_size are each size's weighted least-squares log-log line, runs pooled
+    (weights 1 / Var log L, as in the law); a size with no trend, only noise, gets R² near 0
+    while the largest size, with the steepest slope, gets R² near 1."""
+    flat = paper_table[paper_table["n_params"] == 0.5e9].copy()
+    rng = np.random.default_rng(3)
+    flat["n_params"], flat["model"] = 0.1e9, "0.1B"
+    flat["run_id"] = flat["run_id"] + "-flat"
+    flat["test_loss"] = 0.9 + 0.01 * rng.standard_normal(len(flat))
+    table = pd.concat([paper_table, flat], ignore_index=True)
+    p = to_points(table, "compute")
+    fit = fit_main_law(p)
+    for i, N in enumerate(fit.sizes):
+        x, y, w = p.x[p.N == N], p.y[p.N == N], p.w[p.N == N]
+        slope, intercept = np.polyfit(x, y, 1, w=np.sqrt(w))
+        r = y - (slope * x + intercept)
+        r2 = 1 - np.sum(w * r**2) / np.sum(w * (y - np.average(y, weights=w)) ** 2)
+        assert fit.k_hat[i] == pytest.approx(-slope, rel=1e-6)
+        assert fit.E_hat[i] == pytest.approx(intercept, rel=1e-6)
+        assert fit.r2_size[i] == pytest.approx(r2, rel=1e-6, abs=1e-9)
+    assert fit.r2_size[0] < 0.1 and min(fit.r2_size[1:]) > 0.5 and fit.r2_size[-1] > 0.95
+    assert MainFit.from_dict(fit.to_dict()).r2_size == fit.r2_size

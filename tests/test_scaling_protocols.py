@@ -91,3 +91,15 @@ def test_the_main_law_predicts_held_out_points_better_than_the_sigmoid(table):
         and mae["main (E free)"] < mae["decomposition (app. D)"]
     )
     assert result["forms"][0]["mae"] == min(mae.values())
+
+
+def test_a_form_with_as_many_parameters_as_points_is_not_scored(table):
+    """Two early points per run: the per-size forms would interpolate them, so their held-out
+    error would rank nothing; they are listed with the reason instead."""
+    p = to_points(table, "compute")
+    early = p.subset(p.step <= 20)
+    result = compare_forms(early.subset(early.run_id == early.run_id[0]), fit_fraction=0.5)
+    errors = {r["form"]: r.get("error", "") for r in result["forms"]}
+    assert "mae" not in result["forms"][-1]
+    assert "free parameters for 1 training points" in errors["decomposition (app. D)"]
+    assert "one distinct X" in errors["per-size power law"]

@@ -53,7 +53,8 @@ def satterthwaite_dof(jack: np.ndarray, size_of_run: np.ndarray) -> float:
     if not V:
         return float("nan")
     V, dof = np.asarray(V), np.asarray(dof)[:, None]
-    return float(np.nanmin(V.sum(axis=0) ** 2 / (V**2 / dof).sum(axis=0)))
+    with np.errstate(invalid="ignore"):  # a column no run moves (0 / 0) has no say
+        return float(np.nanmin(V.sum(axis=0) ** 2 / (V**2 / dof).sum(axis=0)))
 
 
 def small_sample_factor(size_of_run: np.ndarray, nu: float, level: float = 0.9) -> float:

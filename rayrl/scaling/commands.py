@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from rayrl.scaling.compare import compare_forms
-from rayrl.scaling.figures import plot_k_of_N, plot_loss_curves
+from rayrl.scaling.figures import plot_k_of_N, plot_loss_curves, plot_per_size
 from rayrl.scaling.fit import FitError, MainFit, fit_main_law
 from rayrl.scaling.planner import best_size, reuse_study
 from rayrl.scaling.protocols import fit_run, inter_model, intra_model
@@ -167,6 +167,7 @@ def fit_command(
                 )
             ),
             str(plot_k_of_N(objects["fit"], f"{stem}_k_vs_N.png")),
+            str(plot_per_size(objects["points"], objects["fit"], f"{stem}_per_size_{x}.png")),
         ]
     write_json(doc, out_path)
     summary = {**doc, "out": str(out_path)}

@@ -117,6 +117,8 @@ def fit_per_size(p: Points):
     S = np.zeros((len(sizes), 6))
     np.add.at(S, j, S_run)
     n, xbar, ybar, Sxx, Sxy, _ = centred(S)
+    if (Sxx <= 0).any():
+        raise FitError(f"sizes {sizes[Sxx <= 0].tolist()} have one distinct X: no slope")
     k = -Sxy / Sxx
 
     def predict(N, X):
@@ -158,6 +160,10 @@ def compare_forms(p: Points, fit_fraction: float = 0.25) -> dict:
     for name, fit in FORMS.items():
         try:
             predict, params = fit(train)
+            n_free = int(sum(np.size(v) for v in params.values()))
+            if n_free >= len(train):
+                # an interpolating fit's held-out error says nothing about the form
+                raise FitError(f"{n_free} free parameters for {len(train)} training points")
             err = np.abs(predict(held.N, held.X) - held.L)
             r = predict(train.N, train.X) - train.L
             rows.append(
@@ -168,7 +174,7 @@ def compare_forms(p: Points, fit_fraction: float = 0.25) -> dict:
                     "train_loss": float(np.sum(r**2)),
                     "train_r2": float(1 - np.sum(r**2) / np.sum((train.L - train.L.mean()) ** 2)),
                     "n_points": len(train),
-                    "n_free": int(sum(np.size(v) for v in params.values())),
+                    "n_free": n_free,
                     "params": params,
                 }
             )

@@ -1,5 +1,6 @@
 """Figures in the paper's style: loss against C or D per size on log-log axes with the fitted
-law and its extrapolation (fig. 2-4), and k(N) against N with the saturation curve (fig. 5).
+law and its extrapolation (fig. 2-4), each size on its own panel, and k(N) against N with the
+saturation curve (fig. 5).
 
 Figure objects are used directly (Agg canvas, no pyplot state), so this is safe in actors.
 """
@@ -11,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+from matplotlib.ticker import FixedLocator, FormatStrFormatter, NullLocator
 
 from rayrl.scaling.bootstrap import percentile_ci
 from rayrl.scaling.fit import MainFit
@@ -97,4 +99,46 @@ def plot_k_of_N(fit: MainFit, path: str | Path) -> Path:
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    return Path(path)
+
+
+def plot_per_size(p: Points, fit: MainFit, path: str | Path) -> Path:
+    """One log-log panel per size at its own scale: every run's points, the size's own line
+    (log L = -k_hat log X + E_hat) and the joint law, so a shallow trend is not flattened by
+    the others' range."""
+    m = len(fit.sizes)
+    cols = min(m, 3)
+    rows = -(-m // cols)
+    fig = Figure(figsize=(3.6 * cols, 2.9 * rows))
+    for i, N in enumerate(fit.sizes):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        at = p.N == N
+        runs = np.unique(p.run_id[at])
+        for r, run in enumerate(runs):
+            pts = at & (p.run_id == run)
+            ax.plot(p.X[pts], p.L[pts], "o", ms=3, alpha=0.7, color=f"C{r % 10}", label=str(run))
+        X = np.geomspace(*fit.x_range[i], 50)
+        ax.plot(X, np.exp(-fit.k_hat[i] * np.log(X) + fit.E_hat[i]), "-", color="k", lw=1.2)
+        ax.plot(X, np.exp(fit.log_loss(N, X)), "--", color="grey", lw=1)
+        se = fit.k_hat_se[i]
+        pm = f" ± {se:.2g}" if se is not None and np.isfinite(se) else ""
+        ax.set_title(
+            rf"{fit.labels[i]}: $\hat{{k}}$ {fit.k_hat[i]:.3g}{pm}, R² {fit.r2_size[i]:.2f}",
+            fontsize=9,
+        )
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.tick_params(labelsize=7)
+        # narrow ranges get a few plain ticks; log-axis defaults label one decade or none
+        for axis, v, fmt in ((ax.xaxis, p.X[at], "%.1e"), (ax.yaxis, p.L[at], "%.3f")):
+            axis.set_major_locator(FixedLocator(np.geomspace(v.min(), v.max(), 4)))
+            axis.set_minor_locator(NullLocator())
+            axis.set_major_formatter(FormatStrFormatter(fmt))
+        if len(runs) <= 4:
+            ax.legend(fontsize=6)
+    fig.supxlabel(AXIS_LABEL[fit.x_name], fontsize=9)
+    fig.supylabel("test loss L (log)", fontsize=9)
+    fig.suptitle("each size's own log-linear trend (solid) and the joint law (dashed)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
     return Path(path)

@@ -209,6 +209,8 @@ class MainFit:
     labels: list[str]
     log_T: float = float("nan")  # mean log tokens per sample (compute axis), for E_offset
     warnings: list[str] = field(default_factory=list)
+    E_hat: list[float] = field(default_factory=list)  # each size's own intercept, with k_hat
+    r2_size: list[float] = field(default_factory=list)  # R² of each size's own log-log line
     level: float = 0.9
     draws: list[list[float]] | None = None  # bootstrap rows [k_max, N0, *E_params]
     ci: dict | None = None
@@ -370,7 +372,10 @@ def fit_main_law(
     r = p.y - log_pred
     S = np.zeros((len(sizes), 6))
     np.add.at(S, size_of_run, S_run)
-    k_hat = -centred(S)[4] / centred(S)[3]
+    # Each size's own line log L = -k_hat log X + E_hat, runs pooled: the per-size trend the
+    # law's k(N) has to explain.
+    _, xbar, ybar, Sxx, Sxy, Syy = centred(S)
+    k_hat = -Sxy / Sxx
     _, xbar_r, ybar_r, Sxx_r, Sxy_r, Syy_r = centred(S_run)
     k_run = -Sxy_r / Sxx_r
     # Each run's slope variance from its own residuals; what the run slopes scatter around
@@ -415,6 +420,8 @@ def fit_main_law(
         labels=[p.labels.get(n, f"{n / 1e9:.3g}B") for n in sizes],
         log_T=p.log_T,
         warnings=warnings,
+        E_hat=(ybar + k_hat * xbar).tolist(),
+        r2_size=np.divide(Sxy**2, Sxx * Syy, out=np.full_like(Syy, np.nan), where=Syy > 0).tolist(),
         level=level,
     )
     if n_boot > 0:
