@@ -161,6 +161,22 @@ def _trend_table(summary: dict[str, Any]) -> list[str]:
     return lines + [""]
 
 
+def _protocol_line(proto: dict[str, Any]) -> str:
+    """The inter-model check in words: the largest size predicted from the smaller ones."""
+    if "error" in proto:
+        return f"Inter-model protocol: not run ({proto['error']})."
+    se = proto.get("k_obs_se")
+    return (
+        f"Inter-model protocol (fit every size but the largest, N = {proto['N_held_out']:.3g}, "
+        f"then predict its curve from its first {proto['anchor_points']} evaluations): "
+        f"k predicted {proto['k_pred']:.3g}, observed {proto['k_obs']:.3g}"
+        f"{f' ± {se:.2g}' if se is not None else ''} "
+        f"({'inside' if proto['k_covered'] else 'outside'} the {proto['level']:.0%} interval); "
+        f"held-out loss MAE {proto['mae']:.3g}, max error {proto['max_error']:.3g}, "
+        f"{proto['coverage']:.0%} of {proto['n_held_out']} points inside their intervals."
+    )
+
+
 def write_report(study_dir: Path) -> Path:
     """Write study_dir/report.md and its figures; returns the report's path."""
     from rayrl.scaling.commands import plan_command
@@ -204,13 +220,8 @@ def write_report(study_dir: Path) -> Path:
         for fig in figs + [f"{fit_name}_k_vs_N.png"]:
             if (study_dir / fig).exists():
                 lines += [f"![{fig}]({fig})", ""]
-    proto = fit_c.get("protocol") or {}
-    if proto:
-        lines += [
-            f"Inter-model protocol (fit the smaller sizes, predict the largest): "
-            f"{json.dumps({k: v for k, v in proto.items() if not isinstance(v, list | dict)})}",
-            "",
-        ]
+    if fit_c.get("protocol"):
+        lines += [_protocol_line(fit_c["protocol"]), ""]
     lines += ["## Data reuse (fixed total data, unique subset D_total / tau)", ""]
     reuse_rows = df[df["rollout_n"] == cfg.grpo.rollout_n]
     if reuse_png and reuse_rows["reuse_factor"].nunique() > 1:
@@ -224,6 +235,8 @@ def write_report(study_dir: Path) -> Path:
         ]
         study = reuse_study(reuse_rows)
         for size in study["sizes"]:
+            if len(size["taus"]) < 2:
+                continue  # a size outside the reuse sweep has nothing to compare
             for t in size["taus"]:
                 lines.append(
                     f"| {size['n_params']:,.0f} | {t['tau']:g} | {t['test_loss']:.3f} | {t['se']:.3f} | "

@@ -33,5 +33,10 @@ def test_report_shows_every_sizes_own_trend(tmp_path):
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert cells[2].startswith(f"{law['k_hat'][i]:.4g} ± ")
         assert float(cells[4]) == round(law["r2_size"][i], 3)
+    proto = json.loads((tmp_path / "fit.json").read_text())["protocol"]
+    assert f"k predicted {proto['k_pred']:.3g}, observed {proto['k_obs']:.3g}" in report
+    # the reuse table holds the swept size only
+    reuse = report.split("## Data reuse")[1].split("## Rollout")[0]
+    assert "| 3,000,000,000 | 4 |" in reuse and "| 72,000,000,000 |" not in reuse
     for figure in ("fit_per_size_compute.png", "fit_data_per_size_data.png", "reuse.png"):
         assert f"]({figure})" in report and (tmp_path / figure).stat().st_size > 1000
