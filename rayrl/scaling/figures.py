@@ -92,7 +92,19 @@ def plot_k_of_N(fit: MainFit, path: str | Path) -> Path:
         ax.fill_between(
             N, lo, hi, color="C1", alpha=0.2, lw=0, label=f"{fit.level:.0%} bootstrap interval"
         )
-    ax.axhline(fit.k_max, ls="--", color="grey", lw=1, label="k_max")
+    # Scale to the measured slopes: an unpinned k_max (N0 at its bound) can sit 100x above
+    # them, and drawn to it every size would lie flat on zero.
+    k_hat = np.asarray(fit.k_hat)
+    top = 3 * float(np.max(k_hat + 1.645 * se))
+    if fit.k_max <= top:
+        ax.axhline(fit.k_max, ls="--", color="grey", lw=1, label="k_max")
+    else:
+        ax.plot([], [], " ", label=f"k_max {fit.k_max:.3g}: above the chart")
+    if (k_hat > 0).all():  # slopes over decades of N: log axis
+        ax.set_yscale("log")
+        ax.set_ylim(k_hat.min() / 3, top)
+    else:
+        ax.set_ylim(min(0.0, float(np.min(k_hat - 1.645 * se))) * 1.2, top)
     ax.set_xscale("log")
     ax.set_xlabel("non-embedding parameters N")
     ax.set_ylabel(f"learning efficiency k ({fit.x_name})")
