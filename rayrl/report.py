@@ -216,8 +216,9 @@ def write_report(study_dir: Path) -> Path:
     lines += [_law_line(fit_c, "compute"), _law_line(fit_d, "data"), ""]
     lines += _trend_table(fit_c)
     for fit_name, x in (("fit", "compute"), ("fit_data", "data")):
-        figs = [f"{fit_name}_loss_vs_{x}.png", f"{fit_name}_per_size_{x}.png"]
-        for fig in figs + [f"{fit_name}_k_vs_N.png"]:
+        for fig in (
+            f"{fit_name}_{kind}.png" for kind in (f"loss_vs_{x}", f"per_size_{x}", "k_vs_N")
+        ):
             if (study_dir / fig).exists():
                 lines += [f"![{fig}]({fig})", ""]
     if fit_c.get("protocol"):

@@ -95,7 +95,7 @@ def plot_k_of_N(fit: MainFit, path: str | Path) -> Path:
     # Scale to the measured slopes: an unpinned k_max (N0 at its bound) can sit 100x above
     # them, and drawn to it every size would lie flat on zero.
     k_hat = np.asarray(fit.k_hat)
-    top = 3 * float(np.max(k_hat + 1.645 * se))
+    top = 3 * max(float(np.max(k_hat + 1.645 * se)), 1e-3)  # > 0 even if nothing learned
     if fit.k_max <= top:
         ax.axhline(fit.k_max, ls="--", color="grey", lw=1, label="k_max")
     else:
