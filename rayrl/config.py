@@ -92,11 +92,19 @@ class GRPOConfig:
     lr: float = 1e-6
     clip_low: float = 0.2
     clip_high: float = 0.2
+    # Dual clip: for A < 0 the surrogate loss is capped at -clip_ratio_c * A (veRL's default).
+    clip_ratio_c: float = 3.0
     kl_coef: float = 0.001
+    # Estimator of KL(pi || pi_ref) per sampled token; k3 is veRL's low_var_kl (clamped).
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
-    loss_agg: Literal["token-mean", "seq-mean"] = "token-mean"
+    # veRL's loss aggregations, each over the whole mini-batch (every rank, every micro-batch).
+    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = "token-mean"
     adv_eps: float = 1e-6
     prompts_per_step: int = 64
+    # Optimizer updates per rollout batch: the paper takes 512 prompts a step in mini-batches
+    # of 128. pi_old is the policy before the first of them.
+    mini_batches: int = 4
+    ppo_epochs: int = 1  # passes over the rollout batch per step
     rollout_n: int = 8
     temperature: float = 1.0
     eval_temperature: float = 0.7
@@ -126,6 +134,9 @@ class ResourcesConfig:
     cpus_per_actor: float = 1.0
     vllm_kv_cache_gib: float = 1.0
     vllm_dtype: str = "float32"
+    # Memory of one GPU, which `rayrl study --dry-run` checks each actor's estimate against
+    # (GiB: an A100 80 GB has 80, an H100 80 GB 79.6, an H200 140).
+    gpu_memory_gib: float = 80.0
 
 
 @dataclass
@@ -323,12 +334,21 @@ def validate(cfg: Config) -> None:
         "max_new_tokens",
         "max_prompt_tokens",
         "micro_batch",
+        "mini_batches",
+        "ppo_epochs",
         "data_budget",
         "eval_every",
         "eval_samples",
         "checkpoint_every",
     ):
         need(getattr(g, name) > 0, f"grpo.{name}", "a positive integer", getattr(g, name))
+    need(g.clip_ratio_c > 1, "grpo.clip_ratio_c", "a value above 1", g.clip_ratio_c)
+    need(
+        g.prompts_per_step % g.mini_batches == 0,
+        "grpo.mini_batches",
+        f"a divisor of grpo.prompts_per_step={g.prompts_per_step}",
+        g.mini_batches,
+    )
     need(g.reuse_factor >= 1, "grpo.reuse_factor", "an integer >= 1", g.reuse_factor)
     need(
         g.data_budget % g.reuse_factor == 0,
@@ -361,6 +381,7 @@ def validate(cfg: Config) -> None:
             "a positive size",
             r.vllm_kv_cache_gib,
         )
+        need(r.gpu_memory_gib > 0, f"{prefix}.gpu_memory_gib", "a positive size", r.gpu_memory_gib)
         if r.device == "cpu":
             need(r.tensor_parallel == 1, f"{prefix}.tensor_parallel", "1 on cpu", r.tensor_parallel)
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from rayrl.config import Config, dump_config
+from rayrl.config import Config, GRPOConfig, dump_config
 from rayrl.data import load_task, render_prompt, reuse_schedule
 from rayrl.learner.batch import TrainItem
 from rayrl.learner.group import LearnerGroup
@@ -70,23 +70,33 @@ def reward_items(
     ]
 
 
-def evaluate(
-    pool: Any,
-    rewards: Any,
-    rows: list[dict],
-    tokenizer: Any,
-    samples: int,
-    temperature: float,
-    max_tokens: int,
-    seed: int,
-) -> EvalResult:
-    """pass@1 estimated from `samples` draws per problem at the evaluation temperature."""
+def encode_prompts(rows: list[dict], tokenizer: Any, max_tokens: int | None) -> list[list[int]]:
+    """Token ids of each row's rendered prompt; one longer than max_tokens is an error (veRL's
+    default), never a silent truncation of the question."""
     prompts = [tokenizer(render_prompt(r, tokenizer)).input_ids for r in rows]
+    for r, p in zip(rows, prompts):
+        if max_tokens is not None and len(p) > max_tokens:
+            raise ValueError(
+                f"prompt of {r['data_source']} row {r['extra_info'].get('index')} has {len(p)} "
+                f"tokens, over grpo.max_prompt_tokens={max_tokens}"
+            )
+    return prompts
+
+
+def evaluate(
+    pool: Any, rewards: Any, rows: list[dict], tokenizer: Any, g: GRPOConfig, seed: int
+) -> EvalResult:
+    """pass@1 estimated from `g.eval_samples` draws per problem at `g.eval_temperature`."""
+    prompts = encode_prompts(rows, tokenizer, g.max_prompt_tokens)
     groups = pool.generate(
-        prompts, n=samples, temperature=temperature, max_tokens=max_tokens, seed=seed
+        prompts,
+        n=g.eval_samples,
+        temperature=g.eval_temperature,
+        max_tokens=g.max_new_tokens,
+        seed=seed,
     )
     scores = rewards.score(reward_items(rows, groups, tokenizer))
-    scores = np.array([v.score for v in scores]).reshape(len(rows), samples)
+    scores = np.array([v.score for v in scores]).reshape(len(rows), g.eval_samples)
     per_problem = scores.mean(axis=1)
     se = float(per_problem.std(ddof=1) / np.sqrt(len(rows))) if len(rows) > 1 else float("nan")
     return EvalResult(float(per_problem.mean()), se, len(rows))
@@ -146,7 +156,7 @@ class Run:
         g, spec, tok = self.cfg.grpo, self.spec, self.tokenizer
         t: dict[str, float] = {}
         rows = self.schedule[step * g.prompts_per_step : (step + 1) * g.prompts_per_step]
-        prompts = [tok(render_prompt(r, tok)).input_ids for r in rows]
+        prompts = encode_prompts(rows, tok, g.max_prompt_tokens)
 
         t0 = time.perf_counter()
         groups = self.rollout.generate(
@@ -168,7 +178,7 @@ class Run:
         # the paper: a batch with one informative group then moves the policy a little, not a
         # full Adam step. A batch of flat groups only is skipped: it would be a KL-only update.
         batch = [
-            TrainItem(p, list(s.token_ids), float(a))
+            TrainItem(p, list(s.token_ids), float(a), list(s.logprobs))
             for p, grp, a_grp in zip(prompts, groups, adv.view(-1, spec.rollout_n))
             for s, a in zip(grp, a_grp)
         ]
@@ -190,27 +200,19 @@ class Run:
             "response_len": gen_tokens / max(len(prompts) * spec.rollout_n, 1),
             # C: 6 N T per optimizer step over the tokens the learner processed (appendix C.1).
             "flops": train_flops(self.n_params, learn["tokens_processed"]),
-            # All-in adds rollout generation and the reference forward pass, 2 N T each.
+            # All-in adds rollout generation and the pi_old and reference passes, 2 N T each.
             "flops_all": train_flops(self.n_params, learn["tokens_processed"])
             + forward_flops(self.n_params, prompt_tokens + gen_tokens)
-            + forward_flops(self.n_params, learn["tokens_processed"]),
+            + 2 * forward_flops(self.n_params, learn["forward_tokens"]),
             "unique": {r["extra_info"]["index"] for r in rows},
             **{f"time_{k}": v for k, v in t.items()},
-            **{k: learn[k] for k in ("loss", "pg_loss", "kl", "clip_frac", "grad_norm")},
+            **{k: learn[k] for k in LEARNER_STATS},
             **sync.metrics(),
         }
 
     def evaluate(self, step: int) -> EvalResult:
-        g = self.cfg.grpo
         return evaluate(
-            self.rollout,
-            self.rewards,
-            self.test,
-            self.tokenizer,
-            g.eval_samples,
-            g.eval_temperature,
-            g.max_new_tokens,
-            seed=10_000_019 + step,
+            self.rollout, self.rewards, self.test, self.tokenizer, self.cfg.grpo, 10_000_019 + step
         )
 
     # --- the loop --------------------------------------------------------------------------
@@ -299,15 +301,21 @@ class Run:
         self.learners.shutdown()
 
 
+# What the learner reports each step, into steps.jsonl.
+LEARNER_STATS = (
+    "loss",
+    "pg_loss",
+    "kl",
+    "clip_frac",
+    "clip_frac_dual",
+    "ratio_mean",
+    "ratio_max",
+    "logp_diff_mean",  # |log pi_vLLM - log pi_old| over response tokens
+    "logp_diff_max",
+    "grad_norm",
+)
 # A step whose every group was flat: no optimizer update, no learner tokens, no sync.
-SKIPPED_UPDATE = {
-    "loss": 0.0,
-    "pg_loss": 0.0,
-    "kl": 0.0,
-    "clip_frac": 0.0,
-    "grad_norm": 0.0,
-    "tokens_processed": 0.0,
-}
+SKIPPED_UPDATE = dict.fromkeys((*LEARNER_STATS, "tokens_processed", "forward_tokens"), 0.0)
 
 
 def truncate_jsonl(path: Path, step: int) -> None:
@@ -317,11 +325,13 @@ def truncate_jsonl(path: Path, step: int) -> None:
 
 
 def resolve_model_dir(cfg: Config, name: str, family: str) -> str:
-    """An external model's own directory, or the ladder's (built on first use)."""
+    """An external model's own directory (checked before any actor starts), or the
+    ladder's (built on first use)."""
+    from rayrl.models.external import check_models
     from rayrl.models.ladder import model_path
 
-    spec = cfg.model(name, family)
-    return spec.path or str(model_path(cfg, name))
+    check_models(cfg, [(name, family)])
+    return str(model_path(cfg, name, family))
 
 
 def ladder_params(model_dir: str) -> int:

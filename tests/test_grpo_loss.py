@@ -5,7 +5,10 @@ import math
 import pytest
 import torch
 
-from rayrl.learner.grpo import group_advantages, grpo_loss, token_logprobs
+from rayrl.config import GRPOConfig
+from rayrl.learner.grpo import group_advantages, grpo_loss, loss_denominator, token_logprobs
+
+NO_KL = GRPOConfig(kl_coef=0.0)
 
 
 def test_group_normalised_advantages():
@@ -27,9 +30,8 @@ def test_all_equal_groups_are_counted_and_have_zero_advantage():
 def _loss(ratio, adv, **kw):
     old = torch.zeros(1, 1)
     logp = torch.full((1, 1), math.log(ratio), requires_grad=True)
-    loss, stats = grpo_loss(
-        logp, old, logp.detach(), torch.tensor([adv]), torch.ones(1, 1), kl_coef=0.0, **kw
-    )
+    g = GRPOConfig(kl_coef=0.0, **kw)
+    loss, stats = grpo_loss(logp, old, logp.detach(), torch.tensor([adv]), torch.ones(1, 1), g, 1)
     loss.backward()
     return loss.item(), logp.grad.item(), stats
 
@@ -40,7 +42,7 @@ def _loss(ratio, adv, **kw):
         (1.5, 1.0, -1.2, True),  # positive advantage, ratio above 1+eps_high: clipped, no gradient
         (0.5, 1.0, -0.5, False),  # positive advantage, low ratio: unclipped (pessimistic min)
         (0.5, -1.0, 0.8, True),  # negative advantage, ratio below 1-eps_low: clipped
-        (1.5, -1.0, 1.5, False),  # negative advantage, high ratio: unclipped
+        (1.5, -1.0, 1.5, False),  # negative advantage, high ratio: unclipped, under the dual cap
         (1.1, 1.0, -1.1, False),  # inside the trust region
     ],
 )
@@ -49,6 +51,8 @@ def test_clipping_on_both_sides(ratio, adv, value, grad_zero):
     assert loss == pytest.approx(value, abs=1e-6)
     assert (grad == 0.0) == grad_zero
     assert stats["clip_frac"] == (1.0 if grad_zero else 0.0)
+    assert stats["clip_frac_dual"] == 0.0
+    assert stats["ratio_mean"] == pytest.approx(ratio) == stats["ratio_max"]
 
 
 def test_asymmetric_clip_range():
@@ -58,42 +62,87 @@ def test_asymmetric_clip_range():
     assert loss == pytest.approx(0.9, abs=1e-6)
 
 
-def test_k3_kl_value_and_coefficient():
+@pytest.mark.parametrize("c, value, capped", [(3.0, 3.0, True), (6.0, 5.0, False)])
+def test_dual_clip_caps_a_negative_advantage(c, value, capped):
+    # rho = 5, A = -1: -min(rho A, clip(rho) A) = 5; the dual clip caps it at -c A = c
+    loss, grad, stats = _loss(5.0, -1.0, clip_ratio_c=c)
+    assert loss == pytest.approx(value, rel=1e-6)
+    assert (grad == 0.0) == capped
+    assert stats["clip_frac_dual"] == (1.0 if capped else 0.0)
+    # a positive advantage is never dual-clipped: rho = 5, A = 1 -> -clip(rho) A = -1.2
+    loss, _, stats = _loss(5.0, 1.0, clip_ratio_c=c)
+    assert loss == pytest.approx(-1.2, rel=1e-6)
+    assert stats["clip_frac_dual"] == 0.0
+
+
+def test_kl_estimators_and_coefficient():
     logp = torch.zeros(1, 1)
     ref = torch.full((1, 1), math.log(0.5))
-    # k3 = exp(ref - logp) - (ref - logp) - 1 = 0.5 + ln 2 - 1
-    expected = 0.5 + math.log(2) - 1
-    loss, stats = grpo_loss(logp, logp, ref, torch.zeros(1), torch.ones(1, 1), kl_coef=0.001)
-    assert stats["kl"] == pytest.approx(expected, rel=1e-6)
-    assert loss.item() == pytest.approx(0.001 * expected, rel=1e-6)
-    # k3 is zero when the policy equals the reference, and non-negative otherwise
-    _, same = grpo_loss(logp, logp, logp, torch.zeros(1), torch.ones(1, 1))
-    assert same["kl"] == 0.0
+    expected = {
+        "k1": math.log(2),  # log pi - log pi_ref
+        "k2": 0.5 * math.log(2) ** 2,  # (log pi - log pi_ref)^2 / 2
+        "k3": 0.5 + math.log(2) - 1,  # exp(ref - logp) - (ref - logp) - 1
+    }
+    for estimator, value in expected.items():
+        g = GRPOConfig(kl_coef=0.001, kl_estimator=estimator)
+        loss, stats = grpo_loss(logp, logp, ref, torch.zeros(1), torch.ones(1, 1), g, 1)
+        assert stats["kl"] == pytest.approx(value, rel=1e-6), estimator
+        assert loss.item() == pytest.approx(0.001 * value, rel=1e-6), estimator
+        # zero when the policy equals the reference
+        _, same = grpo_loss(logp, logp, logp, torch.zeros(1), torch.ones(1, 1), g, 1)
+        assert same["kl"] == 0.0
 
 
-def test_token_mean_ignores_padding_and_weights_tokens_equally():
-    # sequence 0 has 1 token, sequence 1 has 3; pads hold huge values that must not count
-    logp = torch.tensor([[0.0, 9.0, 9.0], [0.0, 0.0, 0.0]])
-    mask = torch.tensor([[1, 0, 0], [1, 1, 1]])
-    adv = torch.tensor([2.0, -1.0])
-    loss, stats = grpo_loss(logp, logp, logp, adv, mask, kl_coef=0.0)
-    # per-token pg = -A (ratio 1): tokens -2, +1, +1, +1 -> mean 0.25 (a seq-mean would give -0.5)
-    assert loss.item() == pytest.approx(0.25)
+def test_k3_is_clamped_and_padding_never_makes_nan():
+    # token 0: a real token whose reference log-ratio is extreme (+100); token 1: padding
+    # whose log-probs are -inf, as a fully masked row can give
+    logp = torch.tensor([[-100.0, float("-inf")]], requires_grad=True)
+    ref = torch.tensor([[0.0, 0.0]])
+    old = torch.tensor([[-100.0, 0.0]])
+    mask = torch.tensor([[1.0, 0.0]])
+    g = GRPOConfig(kl_coef=1.0)
+    loss, stats = grpo_loss(logp, old, ref, torch.tensor([1.0]), mask, g, 1)
+    # pg = -A * rho = -1; k3 of log-ratio clamped to 20 is e^20 - 21, clamped to 10
+    assert loss.item() == pytest.approx(-1.0 + 10.0)
+    assert stats["kl"] == pytest.approx(10.0)
+    loss.backward()
+    assert torch.isfinite(logp.grad).all()
+    assert logp.grad[0, 1] == 0.0
+
+
+# sequence 0 has 1 token, sequence 1 has 3; pads hold huge values that must not count.
+# Per-token pg = -A (ratio 1): tokens -2 | +1, +1, +1.
+AGG_LOGP = torch.tensor([[0.0, 9.0, 9.0], [0.0, 0.0, 0.0]])
+AGG_MASK = torch.tensor([[1, 0, 0], [1, 1, 1]])
+AGG_ADV = torch.tensor([2.0, -1.0])
+
+
+@pytest.mark.parametrize(
+    "loss_agg, value",
+    [
+        ("token-mean", (-2 + 3) / 4),  # over the 4 tokens
+        ("seq-mean-token-mean", (-2 + 1) / 2),  # each sequence's token-mean, then their mean
+        ("seq-mean-token-sum", (-2 + 3) / 2),  # each sequence's token-sum, then their mean
+    ],
+)
+def test_loss_aggregation_modes_split_like_the_whole_batch(loss_agg, value):
+    g = GRPOConfig(kl_coef=0.0, loss_agg=loss_agg)
+    denom = loss_denominator([1, 3], loss_agg)
+    loss, stats = grpo_loss(AGG_LOGP, AGG_LOGP, AGG_LOGP, AGG_ADV, AGG_MASK, g, denom)
+    assert loss.item() == pytest.approx(value)
     assert stats["tokens"] == 4
-    # micro-batching: the sum of per-sequence losses with the batch's token count equals the batch loss
+    # micro-batches (or ranks): the parts, each over the whole batch's denominator, add up
     parts = [
         grpo_loss(
-            logp[i : i + 1],
-            logp[i : i + 1],
-            logp[i : i + 1],
-            adv[i : i + 1],
-            mask[i : i + 1],
-            kl_coef=0.0,
-            num_tokens=4,
+            *(t[i : i + 1] for t in (AGG_LOGP,) * 3),
+            AGG_ADV[i : i + 1],
+            AGG_MASK[i : i + 1],
+            g,
+            denom,
         )[0]
         for i in range(2)
     ]
-    assert sum(p.item() for p in parts) == pytest.approx(loss.item())
+    assert sum(p.item() for p in parts) == pytest.approx(value)
 
 
 def test_all_equal_group_gives_zero_gradient():
@@ -103,14 +152,14 @@ def test_all_equal_group_gives_zero_gradient():
     logp = token_logprobs(logits, targets)
     adv, flat = group_advantages(torch.tensor([1.0, 1.0, 1.0, 1.0]), n=4)
     assert flat == 1
-    loss, _ = grpo_loss(logp, logp.detach(), logp.detach(), adv, torch.ones(4, 5), kl_coef=0.0)
+    loss, _ = grpo_loss(logp, logp.detach(), logp.detach(), adv, torch.ones(4, 5), NO_KL, 20)
     loss.backward()
     assert logits.grad.abs().max().item() == 0.0
     # the same batch with mixed rewards does move the policy
     logits.grad = None
     logp = token_logprobs(logits, targets)
     adv, _ = group_advantages(torch.tensor([1.0, 0.0, 1.0, 0.0]), n=4)
-    grpo_loss(logp, logp.detach(), logp.detach(), adv, torch.ones(4, 5), kl_coef=0.0)[0].backward()
+    grpo_loss(logp, logp.detach(), logp.detach(), adv, torch.ones(4, 5), NO_KL, 20)[0].backward()
     assert logits.grad.abs().max().item() > 0.0
 
 

@@ -29,15 +29,21 @@ def weights(group, rank):
     return dict(ray.get(group.actors[rank].named_weights.remote()))
 
 
-def logprob_of(state, model_dir, item):
+def token_logprobs_of(state, model_dir, item):
+    """The response tokens' log-probs under `state` (None: the saved model), by plain HF."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir)
-    model.load_state_dict(state, strict=False)
+    if state is not None:
+        model.load_state_dict(state, strict=False)
     b = collate([item], 0)
     with torch.no_grad():
         logp = token_logprobs(model(input_ids=b.input_ids).logits[:, :-1], b.input_ids[:, 1:])
-    return float((logp * b.response_mask).sum())
+    return logp[b.response_mask > 0]
+
+
+def logprob_of(state, model_dir, item):
+    return float(token_logprobs_of(state, model_dir, item).sum())
 
 
 def test_learner_group_updates_in_step_and_checkpoints(ray_session, model_dir, tmp_path):
@@ -47,7 +53,7 @@ def test_learner_group_updates_in_step_and_checkpoints(ray_session, model_dir, t
         TrainItem(prompt, tok("\\boxed{3}").input_ids + [tok.eos_token_id], 1.0),
         TrainItem(prompt, tok("\\boxed{7}").input_ids + [tok.eos_token_id], -1.0),
     )
-    grpo = GRPOConfig(lr=3e-3, prompts_per_step=2, micro_batch=1, kl_coef=0.001)
+    grpo = GRPOConfig(lr=3e-3, prompts_per_step=2, mini_batches=1, micro_batch=1, kl_coef=0.001)
     group = LearnerGroup(
         model_dir, grpo, ResourcesConfig(learners=2, zero_stage=2, cpus_per_actor=0.5), rollout_n=2
     )
@@ -80,7 +86,9 @@ def test_all_equal_rewards_leave_the_policy_unchanged(ray_session, model_dir):
     tok = build_tokenizer()
     prompt = tok("Q:4+4=?A:").input_ids
     items = [TrainItem(prompt, tok(s).input_ids, 0.0) for s in ("\\boxed{8}", "\\boxed{9}")]
-    grpo = GRPOConfig(lr=1e-2, prompts_per_step=1, micro_batch=2, kl_coef=0.0, weight_decay=0.0)
+    grpo = GRPOConfig(
+        lr=1e-2, prompts_per_step=1, mini_batches=1, micro_batch=2, kl_coef=0.0, weight_decay=0.0
+    )
     group = LearnerGroup(
         model_dir, grpo, ResourcesConfig(learners=1, cpus_per_actor=0.5), rollout_n=2
     )
@@ -93,3 +101,80 @@ def test_all_equal_rewards_leave_the_policy_unchanged(ray_session, model_dir):
             torch.testing.assert_close(after[name], before[name], rtol=0, atol=0)
     finally:
         group.shutdown()
+
+
+def answers(tok, prompt_text, responses, advantages):
+    prompt = tok(prompt_text).input_ids
+    return [
+        TrainItem(prompt, tok(r).input_ids + [tok.eos_token_id], a)
+        for r, a in zip(responses, advantages)
+    ]
+
+
+def test_mini_batches_make_pi_old_stale_and_the_clip_engage(ray_session, model_dir):
+    tok = build_tokenizer()
+    items = answers(tok, "Q:1+2=?A:", ["\\boxed{3}", "\\boxed{7}"] * 2, [1.0, -1.0] * 2)
+    # The behaviour policy's log-probs, 0.25 off the learner's own: the logged mismatch.
+    for it in items:
+        it.rollout_logprobs = (token_logprobs_of(None, model_dir, it) + 0.25).tolist()
+    out = {}
+    for m in (1, 2):
+        grpo = GRPOConfig(lr=5e-2, prompts_per_step=2, mini_batches=m, micro_batch=4)
+        group = LearnerGroup(
+            model_dir, grpo, ResourcesConfig(learners=1, cpus_per_actor=0.5), rollout_n=2
+        )
+        try:
+            out[m] = group.train(items, temperature=1.0)
+        finally:
+            group.shutdown()
+    # one update: pi = pi_old throughout, so the ratio is 1 and nothing is clipped
+    assert out[1]["ratio_max"] == pytest.approx(1.0, abs=1e-6)
+    assert out[1]["clip_frac"] == 0.0
+    # two updates: the second one's policy has moved away from pi_old, far enough to clip
+    assert out[2]["ratio_max"] > 1.2 or out[2]["ratio_mean"] < 0.9
+    assert out[2]["clip_frac"] > 0.0
+    for m in (1, 2):
+        assert out[m]["logp_diff_mean"] == pytest.approx(0.25, abs=1e-4)
+        assert out[m]["logp_diff_max"] == pytest.approx(0.25, abs=1e-4)
+
+
+@pytest.mark.parametrize("loss_agg", ["token-mean", "seq-mean-token-mean"])
+def test_one_and_two_learners_make_the_same_update(ray_session, model_dir, loss_agg):
+    """Global aggregation: the rank count does not change the update (a per-rank token-mean did)."""
+    tok = build_tokenizer()
+    # Responses of very different lengths, so each rank's own token-mean differs from the batch's.
+    items = answers(
+        tok,
+        "Q:12+9=?A:",
+        ["\\boxed{21}", "21", "\\boxed{2}", "so 12+9 is \\boxed{21}"] * 2,
+        [1.0, -0.5, -1.5, 1.0, 0.5, -1.0, -0.5, 1.0],
+    )
+    grpo = GRPOConfig(lr=1e-2, prompts_per_step=4, mini_batches=2, micro_batch=1, loss_agg=loss_agg)
+    final = {}
+    for n in (1, 2):
+        group = LearnerGroup(
+            model_dir,
+            grpo,
+            ResourcesConfig(learners=n, zero_stage=2, cpus_per_actor=0.5),
+            rollout_n=2,
+        )
+        try:
+            group.train(items, temperature=1.0)
+            final[n] = weights(group, 0)
+        finally:
+            group.shutdown()
+    before = dict(weights_of_saved(model_dir))
+    moved = max(float((final[1][k] - before[k]).abs().max()) for k in before)
+    assert moved > 1e-3  # the step did something
+    # Within 1e-5 of each tensor's norm: what is left is the order of float sums. The key bias
+    # is left out: softmax is shift-invariant, so its true gradient is 0 and Adam turns the
+    # rounding noise into full-size steps.
+    for name in (n for n in final[1] if not n.endswith("k_proj.bias")):
+        diff = float((final[2][name] - final[1][name]).norm() / final[1][name].norm())
+        assert diff < 1e-5, (name, diff)
+
+
+def weights_of_saved(model_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir).named_parameters()

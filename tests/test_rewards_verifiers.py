@@ -70,6 +70,11 @@ EQUIVALENT = [
     ("-\\frac{3}{4}", "-0.75"),
     ("\\pi r^2", "r^2\\pi"),
     ("\\frac{1}{3}", "0.333333"),  # as math-verify: decimals agree to 6 places
+    ("14916", "14{,}916"),  # LaTeX thousands separators
+    ("32349", "32,\\! 349"),
+    ("1, 2", "2, 1"),  # a bare list is a set, as to math-verify
+    # a row break before \end is not a doubled escape
+    ("\\begin{pmatrix} 1 \\\\ 2 \\\\\\end{pmatrix}", "\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}"),
 ]
 DIFFERENT = [
     ("\\frac{1}{2}", "0.4"),
@@ -86,6 +91,9 @@ DIFFERENT = [
     ("12", "(1, 2)"),
     ("0.333", "\\frac{1}{3}"),
     ("10^{20}", "10^{20}+1"),
+    ("32349", "32, 349"),  # a comma and a space separate a list: never one number
+    ("1,000", "1, 000"),
+    ("1, 2", "1, 3"),
 ]
 
 

@@ -3,7 +3,9 @@
 Items come in GRPO groups: --prompts rows of the 12,800-row guru training set, --group responses
 each. A response is reasoning text ending in a right answer (verbatim or in an equivalent form),
 a wrong one (an off-by-some number, another row's answer, or the group's popular wrong answer),
-or no final box. Prints one JSON line (and appends it to --out if given).
+or no final box. The line also carries the agreement of rayrl and of math-verify with the labels of
+Math-Verify's own test suite (tests/data/math_verify_cases.jsonl); --suite-only prints only those.
+Prints one JSON line (and appends it to --out if given).
 
     .venv/bin/python tools/bench_rewards.py --prompts 256 --group 8 --workers 2
 """
@@ -11,6 +13,7 @@ or no final box. Prints one JSON line (and appends it to --out if given).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import random
@@ -28,6 +31,7 @@ GURU = Path(
     )
 )
 TRAIN = "math_curriculum_sampled/math__sampled_1_4_12800.parquet"
+SUITE_TEST = Path(__file__).resolve().parents[1] / "tests" / "test_rewards_math_verify.py"
 
 REASONING = [
     "Let me set up the problem. Let $x$ be the unknown, so $x^2 + {a}x - {b} = 0$.",
@@ -128,6 +132,27 @@ def bench_pool(items, workers: int) -> tuple[float, dict]:
     return rate, metrics
 
 
+def bench_suite() -> dict:
+    """Agreement with the labels of Math-Verify's tests, and false positives, for rayrl and for
+    math-verify scoring the same texts; the figures are the test's own (test_rewards_math_verify)."""
+    from math_verify import parse, verify
+
+    spec = importlib.util.spec_from_file_location("math_verify_suite", SUITE_TEST)
+    suite = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(suite)
+    ours = suite.figures(suite.rayrl_correct)
+    theirs = suite.figures(lambda resp, gold: bool(verify(parse(gold), parse(resp))))
+    return {
+        "cases": ours["cases"],
+        "judged": ours["judged"],
+        "rayrl_agreement": ours["agreement"],
+        "rayrl_false_positives": ours["false_positives"],
+        "rayrl_misses": ours["misses"],
+        "math_verify_agreement": theirs["agreement"],
+        "math_verify_false_positives": theirs["false_positives"],
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--prompts", type=int, default=256)
@@ -135,8 +160,16 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2, help="RewardPool actors (0 skips the pool)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, help="append the JSON line to this file")
+    ap.add_argument(
+        "--suite-only",
+        action="store_true",
+        help="print only the Math-Verify suite figures (seconds; no guru data; --out left alone)",
+    )
     args = ap.parse_args()
 
+    if args.suite_only:
+        print(json.dumps({"bench": "rewards_math_verify_suite", **bench_suite()}))
+        return
     items = make_items(args.prompts, args.group, args.seed)
     mv_rate, mv_ok = bench_math_verify(items)
     ours_rate, verdicts = bench_inprocess(items)
@@ -154,6 +187,7 @@ def main() -> None:
             sum((v.score == 1.0) == m for v, m in zip(verdicts, mv_ok)) / len(items), 4
         ),
         "max_item_s": round(max(v.seconds for v in verdicts), 3),
+        "math_verify_suite": bench_suite(),
     }
     if args.workers:
         pool_rate, metrics = bench_pool(items, args.workers)

@@ -9,19 +9,21 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from rayrl.config import GRPOConfig, ResourcesConfig
-from rayrl.learner.batch import TrainItem, collate, split_even
+from rayrl.learner.batch import Padded, TrainItem, collate, split_even
 from rayrl.learner.grpo import grpo_loss, token_logprobs
 
 
 def grad_accumulation_steps(grpo: GRPOConfig, rollout_n: int, world_size: int) -> int:
     """Micro-batches per rank per optimizer step (fixed for a run, as DeepSpeed wants)."""
-    smallest_shard = grpo.prompts_per_step * rollout_n // world_size
+    mini_batch = grpo.prompts_per_step // grpo.mini_batches * rollout_n
+    smallest_shard = mini_batch // world_size
     return max(1, math.ceil(smallest_shard / grpo.micro_batch))
 
 
@@ -90,56 +92,61 @@ class Learner:
         self.engine, *_ = deepspeed.initialize(model=policy, optimizer=opt, config=ds_config)
         return self.gas
 
-    def train(self, items: list[TrainItem], temperature: float) -> dict[str, float]:
-        """One optimizer step on this rank's shard: `gas` micro-batches, token-mean over the shard."""
+    def _logprobs(self, model: Any, b: Padded, temperature: float) -> torch.Tensor:
+        logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits[:, :-1]
+        return token_logprobs(logits, b.input_ids[:, 1:], temperature)
+
+    def train(
+        self, mini_batches: list[list[TrainItem]], denoms: list[float], temperature: float
+    ) -> dict[str, float]:
+        """One rollout batch: `ppo_epochs` passes over its mini-batches, one optimizer step each.
+
+        mini_batches are this rank's shards of the batch's mini-batches; denoms their
+        loss denominators over every rank (`loss_denominator`), so the update is the same
+        whatever the number of ranks. Returns sums of the statistics (maxima for *_max).
+        """
         t0 = time.perf_counter()
         g = self.grpo
-        num_tokens = float(sum(len(it.response_ids) for it in items))
-        totals = {"loss": 0.0, "pg_loss": 0.0, "kl": 0.0, "clip_frac": 0.0}
-        processed = 0
+        sums: dict[str, float] = defaultdict(float)
         self.engine.train()
-        chunks = split_even(items, self.gas)
-        for i, chunk in enumerate(chunks):
-            # The optimizer steps on the shard's last micro-batch, set here rather than left to
-            # DeepSpeed's running micro-step count.
-            self.engine.set_gradient_accumulation_boundary(i == len(chunks) - 1)
-            b = collate(chunk, self.pad_id).to(self.device)
-            logits = self.engine(input_ids=b.input_ids, attention_mask=b.attention_mask).logits[
-                :, :-1
-            ]
-            logp = token_logprobs(logits, b.input_ids[:, 1:], temperature)
-            with torch.no_grad():
-                ref_logits = self.ref(
-                    input_ids=b.input_ids, attention_mask=b.attention_mask
-                ).logits[:, :-1]
-                ref_logp = token_logprobs(ref_logits, b.input_ids[:, 1:], temperature)
-            # One optimizer step per rollout batch: pi_old is the current policy.
-            loss, stats = grpo_loss(
-                logp,
-                logp.detach(),
-                ref_logp,
-                b.advantages,
-                b.response_mask,
-                g.clip_low,
-                g.clip_high,
-                g.kl_coef,
-                num_tokens=num_tokens,
-            )
-            self.engine.backward(loss, scale_wrt_gas=False)
-            self.engine.step()
-            w = stats["tokens"] / max(num_tokens, 1.0)
-            totals["loss"] += loss.item()
-            for k in ("pg_loss", "kl", "clip_frac"):
-                totals[k] += stats[k] * w
-            processed += int(b.attention_mask.sum())
-        grad_norm = self.engine.get_global_grad_norm()
-        totals.update(
-            grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
-            tokens_processed=float(processed),
-            response_tokens=num_tokens,
-            seconds=time.perf_counter() - t0,
-        )
-        return totals
+        # pi_old and pi_ref: once per rollout batch, before the first update.
+        batches = []
+        with torch.no_grad():
+            for shard in mini_batches:
+                chunks = []
+                for chunk in split_even(shard, self.gas):
+                    b = collate(chunk, self.pad_id).to(self.device)
+                    old = self._logprobs(self.engine, b, temperature)
+                    chunks.append((b, old, self._logprobs(self.ref, b, temperature)))
+                    # The behaviour policy (vLLM's sampler) against the learner's pi_old.
+                    diff = (old - b.rollout_logp).abs()[b.rollout_logp.isfinite()]
+                    sums["logp_diff"] += float(diff.sum())
+                    sums["logp_diff_tokens"] += diff.numel()
+                    top = float(diff.max()) if diff.numel() else 0.0
+                    sums["logp_diff_max"] = max(sums["logp_diff_max"], top)
+                    sums["forward_tokens"] += int(b.attention_mask.sum())
+                batches.append(chunks)
+        for _ in range(g.ppo_epochs):
+            for chunks, denom in zip(batches, denoms):
+                for i, (b, old, ref) in enumerate(chunks):
+                    # The optimizer steps on the mini-batch's last micro-batch, set here rather
+                    # than left to DeepSpeed's running micro-step count.
+                    self.engine.set_gradient_accumulation_boundary(i == len(chunks) - 1)
+                    logp = self._logprobs(self.engine, b, temperature)
+                    loss, stats = grpo_loss(logp, old, ref, b.advantages, b.response_mask, g, denom)
+                    # DeepSpeed averages gradients over ranks, and each rank's loss is its part
+                    # of the batch's sum: scaled back up, the update is the global one.
+                    self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
+                    self.engine.step()
+                    sums["loss"] += loss.item()
+                    sums["tokens_processed"] += int(b.attention_mask.sum())
+                    sums["ratio_max"] = max(sums["ratio_max"], stats.pop("ratio_max"))
+                    for k, v in stats.items():
+                        sums[k] += v
+        grad_norm = self.engine.get_global_grad_norm()  # of the last update
+        sums["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+        sums["seconds"] = time.perf_counter() - t0
+        return dict(sums)
 
     def named_weights(self):
         """Full (gathered) weights by HF name; ZeRO-3 shards need a gather first."""

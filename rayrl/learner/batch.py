@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -14,6 +15,8 @@ class TrainItem:
     prompt_ids: list[int]
     response_ids: list[int]
     advantage: float
+    # The behaviour policy's log-prob of each response token, as vLLM sampled it.
+    rollout_logprobs: list[float] | None = None
 
 
 @dataclass
@@ -22,14 +25,10 @@ class Padded:
     attention_mask: torch.Tensor  # [B, T]
     response_mask: torch.Tensor  # [B, T-1], 1 where target t+1 is a response token
     advantages: torch.Tensor  # [B]
+    rollout_logp: torch.Tensor  # [B, T-1], aligned with response_mask; NaN where unknown
 
     def to(self, device: torch.device | str) -> Padded:
-        return Padded(
-            *(
-                t.to(device)
-                for t in (self.input_ids, self.attention_mask, self.response_mask, self.advantages)
-            )
-        )
+        return Padded(*(t.to(device) for t in dataclasses.astuple(self)))
 
 
 def collate(items: list[TrainItem], pad_id: int) -> Padded:
@@ -38,13 +37,16 @@ def collate(items: list[TrainItem], pad_id: int) -> Padded:
     ids = torch.full((len(items), width), pad_id, dtype=torch.long)
     attn = torch.zeros((len(items), width), dtype=torch.long)
     resp = torch.zeros((len(items), width - 1), dtype=torch.float32)
+    rollout = torch.full((len(items), width - 1), float("nan"))
     for i, it in enumerate(items):
         p, r = len(it.prompt_ids), len(it.response_ids)
         ids[i, : p + r] = torch.tensor(it.prompt_ids + it.response_ids)
         attn[i, : p + r] = 1
         resp[i, p - 1 : p + r - 1] = 1.0
+        if it.rollout_logprobs is not None:
+            rollout[i, p - 1 : p + r - 1] = torch.tensor(it.rollout_logprobs)
     adv = torch.tensor([it.advantage for it in items], dtype=torch.float32)
-    return Padded(ids, attn, resp, adv)
+    return Padded(ids, attn, resp, adv, rollout)
 
 
 def split_even(items: list, parts: int) -> list[list]:

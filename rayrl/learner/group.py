@@ -9,6 +9,10 @@ import ray
 from rayrl.config import GRPOConfig, ResourcesConfig
 from rayrl.learner.actor import Learner
 from rayrl.learner.batch import TrainItem, split_even
+from rayrl.learner.grpo import loss_denominator
+
+# Token-weighted means over every update of a step.
+MEAN_PER_TOKEN = ("pg_loss", "kl", "clip_frac", "clip_frac_dual", "ratio_mean")
 
 
 class LearnerGroup:
@@ -16,6 +20,7 @@ class LearnerGroup:
         self, model_path: str, grpo: GRPOConfig, resources: ResourcesConfig, rollout_n: int
     ) -> None:
         n = resources.learners
+        self.grpo = grpo
         remote = ray.remote(Learner).options(
             num_cpus=resources.cpus_per_actor,
             num_gpus=1 if resources.device == "gpu" else 0,
@@ -31,14 +36,37 @@ class LearnerGroup:
         self.gas = ray.get([a.setup.remote(addr, port) for a in self.actors])[0]
 
     def train(self, items: list[TrainItem], temperature: float) -> dict[str, float]:
-        """One optimizer step over the whole batch, sharded across ranks."""
-        shards = split_even(items, len(self.actors))
-        per_rank = ray.get([a.train.remote(s, temperature) for a, s in zip(self.actors, shards)])
-        out = {k: sum(r[k] for r in per_rank) / len(per_rank) for k in per_rank[0]}
-        for k in ("tokens_processed", "response_tokens"):
-            out[k] = sum(r[k] for r in per_rank)
-        out["seconds"] = max(r["seconds"] for r in per_rank)
-        return out
+        """One rollout batch: `grpo.mini_batches` optimizer updates, each over every rank.
+
+        The batch is cut into mini-batches first (contiguous, so groups stay whole) and each
+        mini-batch is sharded across the ranks: the updates do not depend on the rank count.
+        """
+        g = self.grpo
+        mini_batches = split_even(items, g.mini_batches)
+        denoms = [
+            loss_denominator([len(it.response_ids) for it in mb], g.loss_agg) for mb in mini_batches
+        ]
+        shards = [split_even(mb, len(self.actors)) for mb in mini_batches]
+        per_rank = ray.get(
+            [
+                a.train.remote([s[r] for s in shards], denoms, temperature)
+                for r, a in enumerate(self.actors)
+            ]
+        )
+        total = {k: sum(r.get(k, 0.0) for r in per_rank) for k in per_rank[0]}
+        tokens = max(total["tokens"], 1.0)
+        updates = g.mini_batches * g.ppo_epochs
+        return {
+            "loss": total["loss"] / updates,  # mean over updates of each update's loss
+            **{k: total[k] / tokens for k in MEAN_PER_TOKEN},
+            "ratio_max": max(r["ratio_max"] for r in per_rank),
+            "logp_diff_mean": total["logp_diff"] / max(total["logp_diff_tokens"], 1.0),
+            "logp_diff_max": max(r["logp_diff_max"] for r in per_rank),
+            "grad_norm": per_rank[0]["grad_norm"],
+            "tokens_processed": total["tokens_processed"],
+            "forward_tokens": total["forward_tokens"],
+            "seconds": max(r["seconds"] for r in per_rank),
+        }
 
     def init_weight_sync(self, **kwargs: Any) -> ray.ObjectRef:
         """Rank 0 joins the broadcast group; returns the pending call (the receivers join too)."""

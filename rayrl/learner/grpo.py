@@ -1,8 +1,18 @@
-"""The GRPO objective (Shao et al. 2024), as configured in the paper (appendix A.2)."""
+"""The GRPO objective (Shao et al. 2024), as configured in the paper (appendix A.2) and run
+by veRL 0.3.1: PPO-clip with dual clip, a KL loss to the reference, and one of veRL's
+loss aggregations over the whole batch.
+"""
 
 from __future__ import annotations
 
 import torch
+
+from rayrl.config import GRPOConfig
+
+# veRL's bounds: exp() of a clamped log-ratio never overflows, and one token's KL term
+# cannot dominate a batch.
+LOG_RATIO_BOUND = 20.0
+KL_BOUND = 10.0
 
 
 def group_advantages(rewards: torch.Tensor, n: int, eps: float = 1e-6) -> tuple[torch.Tensor, int]:
@@ -27,40 +37,77 @@ def token_logprobs(
     return logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
 
+def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str) -> torch.Tensor:
+    """Per-token estimate of KL(pi || pi_ref) from sampled tokens (Schulman 2020)."""
+    log_r = ref_logp - logp  # log(pi_ref / pi)
+    if estimator == "k1":
+        return -log_r  # k1 = log pi - log pi_ref
+    if estimator == "k2":
+        return 0.5 * log_r.square()  # k2 = (log pi - log pi_ref)^2 / 2
+    log_r = log_r.clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)
+    k3 = torch.exp(log_r) - log_r - 1.0  # k3 = r - log r - 1, veRL's low_var_kl
+    return k3.clamp(-KL_BOUND, KL_BOUND)
+
+
+def loss_denominator(response_lengths: list[int], loss_agg: str) -> float:
+    """The whole batch's denominator: its response tokens (token-mean) or its sequences."""
+    return float(sum(response_lengths) if loss_agg == "token-mean" else len(response_lengths))
+
+
+def aggregate(
+    per_token: torch.Tensor, mask: torch.Tensor, loss_agg: str, denom: float
+) -> torch.Tensor:
+    """This shard's part of the batch loss; summed over every shard it is veRL's agg_loss.
+
+    per_token is zero at padding. denom is `loss_denominator` of the whole batch (every
+    rank and micro-batch), so the sum of the parts does not depend on how it was split.
+    """
+    if loss_agg == "token-mean":
+        return per_token.sum() / denom  # sum_i sum_t l_it / sum_i |o_i|
+    per_seq = per_token.sum(dim=-1)  # sum_t l_it
+    if loss_agg == "seq-mean-token-mean":
+        per_seq = per_seq / mask.sum(dim=-1).clamp(min=1.0)  # (1/|o_i|) sum_t l_it
+    return per_seq.sum() / denom  # (1/G) sum_i ...
+
+
 def grpo_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
     ref_logp: torch.Tensor,
     advantages: torch.Tensor,
     mask: torch.Tensor,
-    clip_low: float = 0.2,
-    clip_high: float = 0.2,
-    kl_coef: float = 0.001,
-    num_tokens: float | None = None,
+    g: GRPOConfig,
+    denom: float,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Clipped surrogate plus k3 KL to the reference, token-mean.
+    """Dual-clipped surrogate plus kl_coef times the KL estimate, aggregated by g.loss_agg.
 
-    logp/old_logp/ref_logp/mask are [batch, time]; advantages is [batch].
-    num_tokens is the token-mean denominator; pass the whole batch's count when the
-    batch is split into micro-batches, so the sum of micro-batch losses is the batch loss.
+    logp/old_logp/ref_logp/mask are [batch, time]; advantages is [batch]. Everything is
+    computed under the mask: padding contributes exactly zero, whatever its log-probs.
+    Returns the loss and token sums of its statistics (plus the ratio's max), for the
+    caller to divide by the batch's token count.
     """
-    mask = mask.float()
+    on = mask > 0
+    zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
     adv = advantages.unsqueeze(-1)
-    ratio = torch.exp(logp - old_logp)  # rho_t = pi / pi_old
+    log_ratio = torch.where(on, logp - old_logp, zero).clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)
+    ratio = torch.exp(log_ratio)  # rho_t = pi / pi_old
     pg_unclipped = -adv * ratio
-    pg_clipped = -adv * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
+    pg_clipped = -adv * torch.clamp(ratio, 1.0 - g.clip_low, 1.0 + g.clip_high)
     pg = torch.maximum(pg_unclipped, pg_clipped)  # -min(rho A, clip(rho) A)
-    log_r = ref_logp - logp
-    kl = torch.exp(log_r) - log_r - 1.0  # k3 estimator of KL(pi || pi_ref), Schulman 2020
-    per_token = pg + kl_coef * kl
-    denom = float(num_tokens) if num_tokens is not None else mask.sum().clamp(min=1.0)
-    loss = (per_token * mask).sum() / denom  # token-mean
+    pg_cap = -adv * g.clip_ratio_c
+    dual = (adv < 0) & (pg > pg_cap)  # dual clip (Ye et al. 2020): for A < 0, at most -c A
+    pg = torch.where(dual, pg_cap, pg)
+    kl = kl_penalty(logp, torch.where(on, ref_logp, logp), g.kl_estimator)
+    per_token = torch.where(on, pg + g.kl_coef * kl, zero)
+    loss = aggregate(per_token, mask, g.loss_agg, denom)
     with torch.no_grad():
-        n = mask.sum().clamp(min=1.0)
         stats = {
-            "pg_loss": float((pg * mask).sum() / n),
-            "kl": float((kl * mask).sum() / n),
-            "clip_frac": float(((pg_clipped > pg_unclipped).float() * mask).sum() / n),
-            "tokens": float(mask.sum()),
+            "pg_loss": float(torch.where(on, pg, zero).sum()),
+            "kl": float(torch.where(on, kl, zero).sum()),
+            "clip_frac": float((on & (pg_clipped > pg_unclipped)).sum()),
+            "clip_frac_dual": float((on & dual).sum()),
+            "ratio_mean": float(torch.where(on, ratio, zero).sum()),
+            "ratio_max": float(torch.where(on, ratio, zero).max()) if on.any() else 0.0,
+            "tokens": float(on.sum()),
         }
     return loss, stats

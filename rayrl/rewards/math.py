@@ -23,7 +23,9 @@ _UNITS = (
     "sq|square|cents|cent|dollars|dollar|hours|hour|minutes|minute|seconds|second|days|day|"
     "years|year|kg|grams|gram|pounds|pound|mph|km/h|m/s|liters|liter|people|students|ways"
 )  # no one-letter units: `2m` is more often 2 times m
-_DOUBLED = re.compile(r"\\\\(?=[A-Za-z{}%$])")  # `\\frac` in some guru rows: a doubled escape
+# `\\frac` in some guru rows: a doubled escape. Not the tail of a longer run: in `\\\end` the
+# first two backslashes are a matrix row break.
+_DOUBLED = re.compile(r"(?<!\\)\\\\(?=[A-Za-z{}%$])")
 _TEXT_COMMAND = re.compile(r"\\(?:text|textbf|textit|mathrm|mathbf|mbox|operatorname)(?![A-Za-z])")
 _TEXT = re.compile(r"\\(?:text|textbf|textit|mathrm|mathbf|mbox|operatorname)\s*\{([^{}]*)\}")
 _UNIT_TAIL = re.compile(
@@ -35,7 +37,11 @@ _SPACE = re.compile(r"(\\[A-Za-z]+) (?=[A-Za-z])|\s")
 _FRAC_SHORT = re.compile(r"\\frac(\d)(\d)|\\frac\{([^{}]*)\}(\d)|\\frac(\d)\{")
 _SQRT_SHORT = re.compile(r"\\sqrt(\d+)")
 _LHS = re.compile(r"^[A-Za-z](?:_\{?\w+\}?)?=(?!=)")
-_NUMBER = re.compile(r"(-?)(\d{1,3}(?:,\d{3})+|\d+)?(?:\.(\d+))?", re.ASCII)
+# As math-verify: a whole answer like 32,349, 14{,}916 or 32,\! 349 is one number; a comma
+# followed by a space separates a list, so 32, 349 is two numbers. normalize() decides it before
+# it drops the spacing that tells the two apart; after that every comma is a list's.
+_THOUSANDS = re.compile(r"-?\d{1,3}(?:(?:,|\{,\})(?:\\!\s*)?\d{3})+(?:\.\d+)?(?:\\?%)?", re.ASCII)
+_NUMBER = re.compile(r"(-?)(\d+)?(?:\.(\d+))?", re.ASCII)
 _NUM_FRAC = re.compile(r"(-?)\\frac\{(\d+)\}\{(\d+)\}|(-?)(\d+)/(\d+)", re.ASCII)
 
 
@@ -64,7 +70,9 @@ def normalize(answer: str) -> str:
     s = re.sub(r"\\(?:left|right)(?![A-Za-z])|\\displaystyle", "", s)
     s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
     s = _UNIT_TAIL.sub("", s)
-    s = re.sub(r"\^\s*\{?\\circ\}?|°|\\degree", "", s)
+    s = re.sub(r"\^\s*\{?\\circ\}?|°|\\degree", "", s).strip()
+    if _THOUSANDS.fullmatch(s):
+        s = re.sub(r"\{,\}|,|\\!", "", s)
     s = _SPACE.sub(lambda m: f"{m.group(1)} " if m.group(1) else "", _SPACING.sub(" ", s))
     s = _FRAC_SHORT.sub(_frac_short, s)
     s = _SQRT_SHORT.sub(r"\\sqrt{\1}", s)
@@ -83,7 +91,7 @@ def _number(s: str) -> tuple[Fraction, bool, bool] | None:
         return None
     m = _NUMBER.fullmatch(s)
     if m and (m.group(2) or m.group(3)):
-        whole = (m.group(2) or "0").replace(",", "")
+        whole = m.group(2) or "0"
         frac = m.group(3) or ""
         value = Fraction(int(whole + frac), 10 ** len(frac))
         return (-value if m.group(1) else value), bool(m.group(3)), pct
@@ -106,6 +114,15 @@ def _numbers_equal(a: tuple[Fraction, bool, bool], b: tuple[Fraction, bool, bool
             if (round(x, 6) == round(y, 6)) if decimal else x == y:
                 return True
     return False
+
+
+def _number_list(s: str) -> list[tuple[Fraction, bool, bool]] | None:
+    """The items of a bare list of plain numbers (`1,2,3`; not `(1,2)`), None for anything else."""
+    items = [_number(x) for x in s.split(",")]
+    # No percents: math-verify does not read 50\% in a list as 0.5.
+    if len(items) < 2 or any(x is None or x[2] for x in items):
+        return None
+    return items
 
 
 def _shape(s: str) -> str:
@@ -131,6 +148,12 @@ def quick_check(gold: str, pred: str) -> bool | None:
     gn, pn = _number(g), _number(p)
     if gn is not None and pn is not None:
         return _numbers_equal(gn, pn)
+    # A bare list is a set to math-verify: 1,2 is 2,1 and 1,1,2, so compare item by item.
+    gl, pl = _number_list(g), _number_list(p)
+    if gl is not None and pl is not None:
+        return all(any(_numbers_equal(a, b) for b in pl) for a in gl) and all(
+            any(_numbers_equal(a, b) for a in gl) for b in pl
+        )
     # A tuple is never a scalar or a lone letter, and two different lone letters are different.
     shapes = {_shape(g), _shape(p)}
     if shapes in ({"scalar", "tuple"}, {"letter", "tuple"}):
