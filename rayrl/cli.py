@@ -7,8 +7,11 @@ import math
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from rayrl.config import Config, ConfigError, load_config
+
+SET_HELP = "override a config key, e.g. --set grpo.data_budget=32 (repeatable; YAML values)"
 
 
 def _init_ray(
@@ -41,30 +44,65 @@ def _init_ray(
         )
 
 
+def _overrides(pairs: list[str]) -> dict[str, Any]:
+    """--set KEY=VALUE pairs as load_config overrides; each VALUE is read as YAML."""
+    import yaml
+
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set: expected KEY=VALUE (e.g. grpo.data_budget=32), got {pair!r}")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
 def cmd_models(args: argparse.Namespace) -> None:
     from rayrl.models.ladder import build_ladder, format_table
 
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, _overrides(args.set))
     print(format_table(build_ladder(cfg, progress=True)))
 
 
+def cmd_convert(args: argparse.Namespace) -> None:
+    from rayrl.models.convert import convert, converted, gguf_file
+
+    out = convert(gguf_file(args.gguf), Path(args.out)) if args.out else converted(args.gguf)
+    print(f"HF model directory written to {out}")
+
+
 def cmd_train(args: argparse.Namespace) -> None:
+    from rayrl.models.convert import is_gguf
+    from rayrl.models.external import add_model, check_model_dir, check_models
     from rayrl.trainer import RunSpec, train
 
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, _overrides(args.set))
     # Default: the middle model of the study grid.
     model = args.model or (
         cfg.study.models[len(cfg.study.models) // 2] if cfg.study.models else None
     )
     if model is None:
         raise ConfigError(f"{args.config}: pass --model NAME or list models under study.models")
-    if not Path(model).exists():
-        cfg.model(model)  # an unknown ladder name fails here, before any actor starts
+    # Every model is checked here, before Ray starts.
+    if any(s.name == model for s in cfg.ladder.models):
+        family = cfg.model(model, args.family).family  # an unknown family fails here
+        check_models(cfg, [(model, family)])
+    elif not (Path(model).expanduser().exists() or is_gguf(model)):
+        names = ", ".join(s.name for s in cfg.ladder.models) or "none"
+        raise ConfigError(
+            f"{cfg.source}: key '--model' expected a ladder.models name (known: {names}) or an "
+            f"HF model directory, got {model!r}, which is neither"
+        )
+    else:  # a model directory or GGUF file
+        family = args.family or "base"
+        check_model_dir(cfg, model, "--model")
+        model = add_model(cfg, model, family)
     spec = RunSpec(
         model=model,
         rollout_n=args.rollout_n or cfg.grpo.rollout_n,
         reuse_factor=args.reuse_factor or cfg.grpo.reuse_factor,
         seed=cfg.grpo.seed if args.seed is None else args.seed,
+        family=family,
     )
     _init_ray(cfg, args.num_cpus, models=[(spec.model, spec.family)])
     run_dir = Path(args.out) if args.out else None
@@ -73,9 +111,16 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_study(args: argparse.Namespace) -> None:
+    from rayrl.models.external import check_models
     from rayrl.study import run_study
 
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, _overrides(args.set))
+    if args.dry_run:  # the models live on the cluster's volume, so no check_models here
+        from rayrl.dryrun import dry_run
+
+        dry_run(cfg, placement_timeout_s=args.placement_timeout)
+        return
+    check_models(cfg, sorted({(t["model"], t["family"]) for t in cfg.trials()}))
     _init_ray(cfg, args.num_cpus, runs=cfg.study.max_concurrent)
     out = run_study(cfg, scheduler=not args.no_scheduler, out_dir=args.out)
     print(f"study written to {out}")
@@ -84,9 +129,10 @@ def cmd_study(args: argparse.Namespace) -> None:
 def cmd_fit(args: argparse.Namespace) -> None:
     from rayrl.scaling.commands import fit_command
 
-    fit_command(
-        args.metrics, x=args.x, protocol=args.protocol, fit_fraction=args.fit_fraction, out=args.out
-    )
+    kwargs = {k: v for k, v in vars(args).items() if k not in ("verb", "func")}
+    summary = fit_command(**kwargs)
+    for name, fam in summary["families"].items():
+        print(f"{name}: {fam['status']}" + "".join(f", {a}-axis law" for a in fam["laws"]))
     print(f"fit written to {args.out}")
 
 
@@ -103,6 +149,8 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from rayrl.scaling.commands import add_arguments_fit
+
     p = argparse.ArgumentParser(prog="rayrl", description=__doc__)
     sub = p.add_subparsers(dest="verb", required=True)
 
@@ -112,11 +160,20 @@ def main(argv: list[str] | None = None) -> int:
         "build", help="build (or reuse the cache of) the ladder and print its table"
     )
     b.add_argument("config")
+    b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
     b.set_defaults(func=cmd_models)
+    c = msub.add_parser(
+        "convert", help="convert a GGUF (llama.cpp) checkpoint into an HF model directory"
+    )
+    c.add_argument("gguf", help="a .gguf file, or package:file.gguf inside a Python package")
+    c.add_argument("out", nargs="?", help="directory to write (default: the cache, reused)")
+    c.set_defaults(func=cmd_convert)
 
     t = sub.add_parser("train", help="one GRPO run")
     t.add_argument("config")
-    t.add_argument("--model", help="ladder model name or model directory")
+    t.add_argument("--model", help="ladder.models name, HF model directory or .gguf file")
+    t.add_argument("--family", help="base or instruct (default: the listed model's, else base)")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
     t.add_argument("--rollout-n", type=int)
     t.add_argument("--reuse-factor", type=int)
     t.add_argument("--seed", type=int)
@@ -129,15 +186,24 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("config")
     s.add_argument("--out", help="study directory (default: OUTPUT_DIR)")
     s.add_argument("--no-scheduler", action="store_true", help="run every trial to the end")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
     s.add_argument("--num-cpus", type=int)
+    s.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print each trial's bundles and GPU memory estimate, place its placement group on "
+        "the running cluster and remove it; start nothing (exit 2 if a trial cannot fit)",
+    )
+    s.add_argument(
+        "--placement-timeout",
+        type=float,
+        metavar="S",
+        help="--dry-run: seconds to wait for each placement group (default: a minute)",
+    )
     s.set_defaults(func=cmd_study)
 
-    f = sub.add_parser("fit", help="fit the scaling laws to a metrics table")
-    f.add_argument("metrics", help="metrics.parquet or .csv")
-    f.add_argument("--x", choices=["compute", "data"], default="compute")
-    f.add_argument("--protocol", choices=["intra", "inter"])
-    f.add_argument("--fit-fraction", type=float, default=0.25)
-    f.add_argument("--out", default="fit.json")
+    f = sub.add_parser("fit", help="fit the scaling laws to a metrics table, per family")
+    add_arguments_fit(f)
     f.set_defaults(func=cmd_fit)
 
     pl = sub.add_parser("plan", help="the planner's answer for a budget")

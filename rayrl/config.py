@@ -37,6 +37,9 @@ class ModelSpec:
     kv_heads: int = 2
     intermediate: int = 0  # 0 means 4 * hidden
     tie_embeddings: bool = False
+    # A second pre-training stage of this many steps on \boxed{} answers only, after the base
+    # stage: the tiny ladder's "instruct" family, which has unlearned the bare-answer habit.
+    instruct_steps: int = 0
     # This model's pools over the top-level `resources` (any key but device), e.g.
     # {tensor_parallel: 2, learners: 8} for a 0.5B model in a grid sized for 72B.
     resources: dict[str, Any] = field(default_factory=dict)
@@ -80,7 +83,9 @@ class DataConfig:
     eval_paths: list[str] = field(default_factory=list)
     test_size: int = 500
     train_size: int = 20000
-    eval_size: int = 200  # synthetic: problems per evaluation variant
+    # Problems per evaluation set: each synthetic variant, or a seeded subset of each
+    # eval_paths file; every evaluation scores them all next to the held-out test set.
+    eval_size: int = 200
     max_digits: int = 3  # synthetic difficulty knob
     seed: int = 0
 
@@ -137,6 +142,9 @@ class ResourcesConfig:
     # Memory of one GPU, which `rayrl study --dry-run` checks each actor's estimate against
     # (GiB: an A100 80 GB has 80, an H100 80 GB 79.6, an H200 140).
     gpu_memory_gib: float = 80.0
+    # Recompute each decoder layer's activations in backward instead of keeping them: the
+    # learner then holds one hidden state per layer, what 14B-72B at 6K tokens need to fit.
+    gradient_checkpointing: bool = False
 
 
 @dataclass
@@ -174,6 +182,13 @@ class StudyConfig:
     scheduler: bool = True
     scheduler_grace_fraction: float = 0.25
     x: Literal["compute", "data"] = "compute"
+    # Experiment trackers that get every step and evaluation row, with the trial's config as
+    # parameters, through Ray Tune's logger callbacks (rayrl/trackers.py).
+    trackers: list[Literal["tensorboard", "mlflow", "wandb"]] = field(
+        default_factory=lambda: ["tensorboard"]
+    )
+    # MLflow's tracking URI; empty: a local file store in the study directory (mlflow/).
+    mlflow_tracking_uri: str = ""
 
 
 @dataclass
@@ -421,6 +436,12 @@ def validate(cfg: Config) -> None:
                 getattr(m, name),
             )
         need(
+            m.instruct_steps >= 0,
+            f"ladder.models[{i}].instruct_steps",
+            "0 or a positive integer",
+            m.instruct_steps,
+        )
+        need(
             m.intermediate >= 0,
             f"ladder.models[{i}].intermediate",
             "0 or a positive integer",
@@ -476,6 +497,12 @@ def validate(cfg: Config) -> None:
             f"(known: {', '.join(f'{n} ({f})' for n, f in names)})",
             t["model"],
         )
+    need(
+        len(set(cfg.study.trackers)) == len(cfg.study.trackers),
+        "study.trackers",
+        "each tracker once",
+        cfg.study.trackers,
+    )
     sweep_names = [sw.name for sw in cfg.study.sweeps]
     need(
         len(sweep_names) == len(set(sweep_names)), "study.sweeps", "unique sweep names", sweep_names

@@ -1,28 +1,158 @@
-"""The run's metric rows (schema in DESIGN.md), kept in metrics.parquet as they happen."""
+"""The metrics contract: the one place that says what a metric row holds (DESIGN.md), how
+the trials talk to Tune, and which law a row belongs to.
+
+Trainer, FitterActor, scheduler, report and `rayrl fit` all use the names below; a row
+written here is a row every reader understands. Runs keep their rows in metrics.parquet
+as they happen (MetricsLog).
+"""
 
 from __future__ import annotations
 
 import json
+import numbers
 import os
+import re
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pandas as pd
 
-SCHEMA = [
-    "run_id",
-    "family",
-    "model",
-    "n_params",
-    "step",
-    "compute_flops",
-    "data_samples",
-    "unique_samples",
-    "rollout_n",
-    "reuse_factor",
-    "seed",
-    "test_loss",
-]
+# DESIGN.md's metric row: column -> type. Every row has all of them.
+COLUMNS: dict[str, type] = {
+    "run_id": str,
+    "family": str,
+    "model": str,
+    "n_params": int,
+    "step": int,
+    "compute_flops": float,
+    "data_samples": int,
+    "unique_samples": int,
+    "rollout_n": int,
+    "reuse_factor": int,
+    "seed": int,
+    "test_loss": float,
+}
+REQUIRED = tuple(COLUMNS)
+# Columns a row may add, with their types (timings are time_<phase>, in seconds).
+OPTIONAL: dict[str, type] = {
+    "test_loss_se": float,
+    "compute_flops_all": float,  # C plus rollout generation and the pi_old / reference passes
+    "reward_mean": float,
+    "response_len": float,
+    "flat_groups": int,
+}
+BENCHMARK = re.compile(r"test_loss_(?!se$)(\w+?)(_se)?")  # test_loss_<name>[_se]
+TIMING = re.compile(r"time_\w+")
+
+# Resource axes of the law: X is training compute C or data D.
+AXES: dict[str, str] = {"compute": "compute_flops", "data": "data_samples"}
+
+# Keys a trial adds to its rows in `tune.report`, beside the row's own columns.
+KIND = "kind"  # EVAL for a metric row (evaluation point), STEP for an optimizer step's stats
+EVAL, STEP = "eval", "step"
+TOTAL_STEPS = "total_steps"  # the run's last step
+SWEEPS = "sweeps"  # the study sweeps the run belongs to, comma-joined
+PREDICTED_FINAL = "predicted_final"  # the fitter's latest prediction of the final test loss
+# Tune's loggers (trackers) plot against this key when it is set: the optimizer step. A
+# step-0 evaluation has none (Tune's loggers skip a 0), so it shows at training iteration 1.
+TRACKER_STEP = "timesteps_total"
+
+
+class MetricsError(ValueError):
+    """Metric rows that cannot be used: names the file, the column and what was expected."""
+
+
+class LawKey(NamedTuple):
+    """Which law a fit, prediction, planner answer or figure is about."""
+
+    axis: str  # a key of AXES
+    family: str
+
+
+def x_column(axis: str) -> str:
+    """The metrics column of resource axis `axis` ("compute" or "data")."""
+    if axis not in AXES:
+        raise MetricsError(f"x must be one of {sorted(AXES)}, got {axis!r}")
+    return AXES[axis]
+
+
+def benchmark_column(name: str) -> str:
+    """The loss column of evaluation set `name`; its SE is this + "_se"."""
+    return f"test_loss_{name}"
+
+
+def projected_end(x_now: float, step: int, total_steps: int) -> float:
+    """X at a run's last step: compute and data both grow linearly in steps."""
+    return x_now * total_steps / max(step, 1)
+
+
+def column_type(name: str) -> type | None:
+    """The contract's type of a column, None for a column it does not know."""
+    if name in COLUMNS or name in OPTIONAL:
+        return {**COLUMNS, **OPTIONAL}[name]
+    if BENCHMARK.fullmatch(name) or TIMING.fullmatch(name):
+        return float
+    return None
+
+
+def check_row(row: dict[str, Any], source: str) -> None:
+    """A row must hold every required column, each known column of its type."""
+    missing = [c for c in REQUIRED if c not in row]
+    if missing:
+        raise MetricsError(f"{source}: metric row lacks column(s) {missing} (DESIGN.md)")
+    for name, value in row.items():
+        tp = column_type(name)
+        ok = tp is None or value is None or _is(value, tp)
+        if not ok:
+            raise MetricsError(
+                f"{source}: column {name!r} expected {tp.__name__}, got {value!r} "
+                f"({type(value).__name__})"
+            )
+
+
+def _is(value: Any, tp: type) -> bool:
+    if tp is str:
+        return isinstance(value, str)
+    if isinstance(value, bool):
+        return False
+    if tp is int:
+        return isinstance(value, numbers.Integral) or (
+            isinstance(value, float) and value.is_integer()
+        )
+    return isinstance(value, numbers.Real)
+
+
+def check_columns(df: pd.DataFrame, source: str, required: tuple[str, ...] = REQUIRED) -> None:
+    """A table must have the required columns, and numeric ones must be numeric."""
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        raise MetricsError(
+            f"{source}: missing column(s) {missing} (DESIGN.md metric rows); have {list(df.columns)}"
+        )
+    for name in df.columns:
+        tp = column_type(name)
+        if tp in (int, float) and len(df) and not pd.api.types.is_numeric_dtype(df[name]):
+            raise MetricsError(f"{source}: column {name!r} expected numbers, got {df[name].dtype}")
+
+
+def read_metrics(path: str | Path) -> pd.DataFrame:
+    """METRICS.parquet or METRICS.csv, checked against the contract."""
+    path = Path(path)
+    if not path.is_file():
+        raise MetricsError(f"{path}: no such metrics file")
+    if path.suffix == ".parquet":
+        df = pd.read_parquet(path)
+    elif path.suffix == ".csv":
+        df = pd.read_csv(path)
+    else:
+        raise MetricsError(f"{path}: expected a .parquet or .csv metrics file")
+    check_columns(df, str(path))
+    return df
+
+
+def families(df: pd.DataFrame) -> list[str]:
+    """The model families the rows hold, sorted."""
+    return sorted(map(str, df["family"].unique())) if len(df) else []
 
 
 class MetricsLog:
@@ -32,12 +162,10 @@ class MetricsLog:
         self.path = Path(path)
         self.rows: list[dict[str, Any]] = []
         if self.path.exists():
-            self.rows = pd.read_parquet(self.path).to_dict("records")
+            self.rows = read_metrics(self.path).to_dict("records")
 
     def append(self, row: dict[str, Any]) -> None:
-        missing = [c for c in SCHEMA if c not in row]
-        if missing:
-            raise ValueError(f"metric row lacks schema columns {missing}")
+        check_row(row, str(self.path))
         if any(r["step"] == row["step"] for r in self.rows):
             raise ValueError(f"{self.path}: step {row['step']} is already recorded")
         self.rows.append(row)

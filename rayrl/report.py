@@ -18,6 +18,7 @@ import pandas as pd  # noqa: E402
 from matplotlib.ticker import FormatStrFormatter  # noqa: E402
 
 from rayrl.config import load_config  # noqa: E402
+from rayrl.metrics import BENCHMARK, families, read_metrics  # noqa: E402
 
 REPORT_BOOT = 300  # bootstrap draws: intervals for a report, not a paper table
 
@@ -25,6 +26,11 @@ REPORT_BOOT = 300  # bootstrap draws: intervals for a report, not a paper table
 def main_law_rows(df: pd.DataFrame, rollout_n: int) -> pd.DataFrame:
     """The size sweep: tau = 1 at the study's main group size, so k(N) compares like with like."""
     return df[(df["reuse_factor"] == 1) & (df["rollout_n"] == rollout_n)]
+
+
+def label(family: str, model: str) -> str:
+    """A figure's name for one model of one family: base and instruct never share a line."""
+    return f"{model} ({family})"
 
 
 def final_rows(df: pd.DataFrame) -> pd.DataFrame:
@@ -37,14 +43,21 @@ def plot_reuse(df: pd.DataFrame, path: Path) -> Path | None:
     if final["reuse_factor"].nunique() < 2:
         return None
     fig, ax = plt.subplots(figsize=(5, 3.6))
-    for model, g in final.groupby("model"):
+    for (family, model), g in final.groupby(["family", "model"]):
         if g["reuse_factor"].nunique() < 2:
             continue
         agg = g.groupby("reuse_factor")["test_loss"].agg(["mean", "std", "count"]).reset_index()
         se = (agg["std"].fillna(0) / agg["count"] ** 0.5).where(
             agg["count"] > 1, g.groupby("reuse_factor")["test_loss_se"].mean().values
         )
-        ax.errorbar(agg["reuse_factor"], agg["mean"], yerr=se, marker="o", capsize=3, label=model)
+        ax.errorbar(
+            agg["reuse_factor"],
+            agg["mean"],
+            yerr=se,
+            marker="o",
+            capsize=3,
+            label=label(family, model),
+        )
     ax.set_xscale("log")
     ax.set_xlabel("reuse factor tau (fixed total data)")
     ax.set_ylabel("final test loss 1 - pass@1")
@@ -59,17 +72,18 @@ def plot_reuse(df: pd.DataFrame, path: Path) -> Path | None:
 def plot_rollout_n(df: pd.DataFrame, path: Path) -> Path | None:
     """Test loss against compute and data for each GRPO group size (paper fig. 13)."""
     ab = df[df["reuse_factor"] == 1]
-    models = [m for m, g in ab.groupby("model") if g["rollout_n"].nunique() > 1]
+    models = [k for k, g in ab.groupby(["family", "model"]) if g["rollout_n"].nunique() > 1]
     if not models:
         return None
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
-    for model in models:
-        for n, g in ab[ab["model"] == model].groupby("rollout_n"):
+    for family, model in models:
+        runs = ab[(ab["family"] == family) & (ab["model"] == model)]
+        for n, g in runs.groupby("rollout_n"):
             mean = g.groupby("step")[["compute_flops", "data_samples", "test_loss"]].mean()
             mean = mean[mean["compute_flops"] > 0]
-            label = f"{model} n={n}"
-            axes[0].plot(mean["compute_flops"], mean["test_loss"], marker=".", label=label)
-            axes[1].plot(mean["data_samples"], mean["test_loss"], marker=".", label=label)
+            name = f"{label(family, model)} n={n}"
+            axes[0].plot(mean["compute_flops"], mean["test_loss"], marker=".", label=name)
+            axes[1].plot(mean["data_samples"], mean["test_loss"], marker=".", label=name)
     for ax, xl in zip(axes, ("compute C (FLOPs)", "data D (samples)")):
         ax.set_xscale("log")
         ax.set_yscale("log")
@@ -81,6 +95,38 @@ def plot_rollout_n(df: pd.DataFrame, path: Path) -> Path | None:
     axes[1].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def benchmark_columns(df: pd.DataFrame) -> list[str]:
+    """The evaluation suite's loss columns (test_loss_<name>), held-out test_loss first."""
+    names = [c for c in df.columns if (m := BENCHMARK.fullmatch(c)) and not m.group(2)]
+    return ["test_loss", *sorted(names)]
+
+
+def plot_benchmarks(df: pd.DataFrame, path: Path) -> Path | None:
+    """Each benchmark's test loss against compute, per model, over the size sweep's runs
+    (paper appendix B)."""
+    cols = benchmark_columns(df)
+    if len(cols) < 2:
+        return None
+    fig, axes = plt.subplots(1, len(cols), figsize=(3.2 * len(cols), 3.2), squeeze=False)
+    for ax, col in zip(axes[0], cols):
+        trained = df[df["compute_flops"] > 0]
+        for (family, _, model), g in trained.groupby(["family", "n_params", "model"]):
+            mean = g.groupby("step")[["compute_flops", col]].mean()
+            ax.plot(mean["compute_flops"], mean[col], marker=".", label=label(family, model))
+        ax.set_xscale("log")
+        ax.set_title(
+            col.removeprefix("test_loss_") if col != "test_loss" else "held-out", fontsize=9
+        )
+        ax.set_xlabel("compute C (FLOPs)")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("test loss 1 - pass@1")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
@@ -113,14 +159,28 @@ def scheduler_summary(study_dir: Path, df: pd.DataFrame) -> dict[str, Any]:
 
 def _fit(study_dir: Path, table: Path, x: str, out: str) -> dict[str, Any]:
     from rayrl.scaling.commands import fit_command
-    from rayrl.scaling.table import MetricsError
 
     try:
         return fit_command(
             str(table), x=x, protocol="inter", out=str(study_dir / out), n_boot=REPORT_BOOT
         )
-    except (MetricsError, ValueError) as e:
-        return {"status": "error", "error": str(e)}
+    except ValueError as e:  # MetricsError included: no family has usable rows
+        return {"status": "error", "error": str(e), "families": {}}
+
+
+def _family_section(name: str, fit_c: dict, fit_d: dict) -> list[str]:
+    """One family's laws on both axes, its per-size trend table, figures and protocol check."""
+    fam_c = fit_c["families"].get(name, {"status": "error", "error": fit_c.get("error")})
+    fam_d = fit_d["families"].get(name, {"status": "error", "error": fit_d.get("error")})
+    lines = [f"### Family {name}", "", _law_line(fam_c, "compute"), _law_line(fam_d, "data"), ""]
+    lines += _trend_table(fam_c)
+    for fam in (fam_c, fam_d):
+        for fig in fam.get("figures", []):
+            rel = Path(fig).name
+            lines += [f"![{rel}]({rel})", ""]
+    if fam_c.get("protocol"):
+        lines += [_protocol_line(fam_c["protocol"]), ""]
+    return lines
 
 
 def _law_line(summary: dict[str, Any], axis: str) -> str:
@@ -183,7 +243,7 @@ def write_report(study_dir: Path) -> Path:
 
     study_dir = Path(study_dir)
     cfg = load_config(study_dir / "config.yaml")
-    df = pd.read_parquet(study_dir / "metrics.parquet")
+    df = read_metrics(study_dir / "metrics.parquet")
     scaling = main_law_rows(df, cfg.grpo.rollout_n)
     scaling_table = study_dir / "metrics_scaling.parquet"
     scaling.to_parquet(scaling_table, index=False)
@@ -191,6 +251,7 @@ def write_report(study_dir: Path) -> Path:
     fit_d = _fit(study_dir, scaling_table, "data", "fit_data.json")
     reuse_png = plot_reuse(df[df["rollout_n"] == cfg.grpo.rollout_n], study_dir / "reuse.png")
     rollout_png = plot_rollout_n(df, study_dir / "rollout_n.png")
+    bench_png = plot_benchmarks(scaling, study_dir / "benchmarks.png")
     sched = scheduler_summary(study_dir, df)
 
     final = final_rows(df)
@@ -213,16 +274,12 @@ def write_report(study_dir: Path) -> Path:
             f"{r['seed']} | {r['step']} | {r['test_loss']:.3f} ± {r.get('test_loss_se', float('nan')):.3f} |"
         )
     lines += ["", "## Scaling laws: log L = -k(N)·log X + E(N), k(N) = k_max / (1 + N0/N)", ""]
-    lines += [_law_line(fit_c, "compute"), _law_line(fit_d, "data"), ""]
-    lines += _trend_table(fit_c)
-    for fit_name, x in (("fit", "compute"), ("fit_data", "data")):
-        for fig in (
-            f"{fit_name}_{kind}.png" for kind in (f"loss_vs_{x}", f"per_size_{x}", "k_vs_N")
-        ):
-            if (study_dir / fig).exists():
-                lines += [f"![{fig}]({fig})", ""]
-    if fit_c.get("protocol"):
-        lines += [_protocol_line(fit_c["protocol"]), ""]
+    lines += [f"Fitted per family; fit.json status {fit_c['status']}.", ""]
+    for fig in fit_c.get("figures", []):  # the families' k(N) side by side
+        rel = Path(fig).name
+        lines += [f"![{rel}]({rel})", ""]
+    for name in families(scaling):
+        lines += _family_section(name, fit_c, fit_d)
     lines += ["## Data reuse (fixed total data, unique subset D_total / tau)", ""]
     reuse_rows = df[df["rollout_n"] == cfg.grpo.rollout_n]
     if reuse_png and reuse_rows["reuse_factor"].nunique() > 1:
@@ -231,19 +288,23 @@ def write_report(study_dir: Path) -> Path:
         lines += [
             "![reuse](reuse.png)",
             "",
-            "| N | tau | final test loss | SE | within noise of tau = 1 |",
-            "|---|---|---|---|---|",
+            "| family | N | tau | final test loss | SE | within noise of tau = 1 |",
+            "|---|---|---|---|---|---|",
         ]
-        study = reuse_study(reuse_rows)
-        for size in study["sizes"]:
-            if len(size["taus"]) < 2:
-                continue  # a size outside the reuse sweep has nothing to compare
-            for t in size["taus"]:
+        for family, rows in reuse_rows.groupby("family"):
+            if rows["reuse_factor"].nunique() < 2:
+                continue
+            for size in reuse_study(rows)["sizes"]:
+                if len(size["taus"]) < 2:
+                    continue  # a size outside the reuse sweep has nothing to compare
+                for t in size["taus"]:
+                    lines.append(
+                        f"| {family} | {size['n_params']:,.0f} | {t['tau']:g} | {t['test_loss']:.3f} | "
+                        f"{t['se']:.3f} | {'yes' if t['within_noise'] else 'no'} |"
+                    )
                 lines.append(
-                    f"| {size['n_params']:,.0f} | {t['tau']:g} | {t['test_loss']:.3f} | {t['se']:.3f} | "
-                    f"{'yes' if t['within_noise'] else 'no'} |"
+                    f"| {family} | | largest tau within noise (eq. 9): **{size['tau_star']:g}** | | | |"
                 )
-            lines.append(f"| | largest tau within noise (eq. 9): **{size['tau_star']:g}** | | | |")
         lines.append("")
     else:
         lines += ["No reuse sweep in this study.", ""]
@@ -253,8 +314,22 @@ def write_report(study_dir: Path) -> Path:
         if rollout_png
         else ["No rollout-n sweep in this study.", ""]
     )
+    lines += ["## Evaluation suite", ""]
+    if bench_png:
+        lines += [
+            "![benchmarks](benchmarks.png)",
+            "",
+            "| run | " + " | ".join(benchmark_columns(df)) + " |",
+            "|---|" + "---|" * len(benchmark_columns(df)),
+        ]
+        for _, r in final.sort_values(["n_params", "run_id"]).iterrows():
+            cells = [f"{r[c]:.3f} ± {r[c + '_se']:.3f}" for c in benchmark_columns(df)]
+            lines.append(f"| {r['run_id']} | " + " | ".join(cells) + " |")
+        lines.append("")
+    else:
+        lines += ["No evaluation sets beyond the held-out one in this study.", ""]
     lines += ["## Planner", ""]
-    if (study_dir / "fit.json").exists() and fit_c.get("laws"):
+    if any(fam["laws"] for fam in fit_c["families"].values()):
         top = float(final["compute_flops"].max())
         top_d = float(final["data_samples"].max())
         for budget in (top, 10 * top):
@@ -264,7 +339,7 @@ def write_report(study_dir: Path) -> Path:
                 "```",
                 "",
             ]
-        if (study_dir / "fit_data.json").exists() and fit_d.get("laws"):
+        if any(fam["laws"] for fam in fit_d["families"].values()):
             lines += [
                 "```",
                 plan_command(str(study_dir / "fit_data.json"), data_budget=top_d),

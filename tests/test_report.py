@@ -5,6 +5,7 @@ import shutil
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 from rayrl.report import write_report
 from rayrl.scaling.synthetic import make_metrics, make_reuse_metrics
@@ -26,17 +27,73 @@ def test_report_shows_every_sizes_own_trend(tmp_path):
 
     report = write_report(tmp_path).read_text()
 
-    law = json.loads((tmp_path / "fit.json").read_text())["laws"]["compute"]
+    fit = json.loads((tmp_path / "fit.json").read_text())["families"]["synthetic"]
+    law = fit["laws"]["compute"]
     assert law["n_models"] == len(sizes)
     for i, label in enumerate(law["labels"]):
         row = next(line for line in report.splitlines() if line.startswith(f"| {label} |"))
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert cells[2].startswith(f"{law['k_hat'][i]:.4g} ± ")
         assert float(cells[4]) == round(law["r2_size"][i], 3)
-    proto = json.loads((tmp_path / "fit.json").read_text())["protocol"]
+    proto = fit["protocol"]
     assert f"k predicted {proto['k_pred']:.3g}, observed {proto['k_obs']:.3g}" in report
     # the reuse table holds the swept size only
     reuse = report.split("## Data reuse")[1].split("## Rollout")[0]
     assert "| 3,000,000,000 | 4 |" in reuse and "| 72,000,000,000 |" not in reuse
-    for figure in ("fit_per_size_compute.png", "fit_data_per_size_data.png", "reuse.png"):
+    for figure in (
+        "fit_synthetic_per_size_compute.png",
+        "fit_data_synthetic_per_size_data.png",
+        "reuse.png",
+    ):
         assert f"]({figure})" in report and (tmp_path / figure).stat().st_size > 1000
+
+
+def test_report_scores_every_benchmark_of_the_suite(tmp_path):
+    table = make_metrics(sizes=(0.5e9, 3e9), seeds=1, points=6, seed=2)
+    table["test_loss_gsm8k"] = table["test_loss"] * 0.5
+    table["test_loss_gsm8k_se"] = 0.01
+    table.to_parquet(tmp_path / "metrics.parquet")
+    shutil.copy(ROOT / "configs" / "tiny.yaml", tmp_path / "config.yaml")
+
+    report = write_report(tmp_path).read_text()
+
+    suite = report.split("## Evaluation suite")[1].split("## Planner")[0]
+    assert "| run | test_loss | test_loss_gsm8k |" in suite
+    final = table.sort_values("step").groupby("run_id").tail(1)
+    for _, r in final.iterrows():
+        assert (
+            f"| {r['run_id']} | {r['test_loss']:.3f} ± {r['test_loss_se']:.3f} | "
+            f"{r['test_loss_gsm8k']:.3f} ± 0.010 |" in suite
+        )
+    assert (tmp_path / "benchmarks.png").stat().st_size > 1000
+
+
+def test_report_has_a_section_per_family_each_as_fitted_alone(tmp_path):
+    from rayrl.scaling.commands import fit_table
+
+    sizes = (0.5e9, 3e9, 14e9)
+    table = pd.concat(
+        [
+            make_metrics(sizes=sizes, seeds=2, points=10, seed=3, family="base"),
+            make_metrics(sizes=sizes, seeds=2, points=10, seed=4, family="instruct", k_max=0.3),
+        ],
+        ignore_index=True,
+    )
+    table.to_parquet(tmp_path / "metrics.parquet")
+    shutil.copy(ROOT / "configs" / "tiny.yaml", tmp_path / "config.yaml")
+
+    report = write_report(tmp_path).read_text()
+
+    fit = json.loads((tmp_path / "fit.json").read_text())
+    assert sorted(fit["families"]) == ["base", "instruct"]
+    assert "![fit_k_vs_N_families.png](fit_k_vs_N_families.png)" in report
+    for family, rows in table.groupby("family"):
+        alone = fit_table(rows, n_boot=0)[0]["families"][family]["laws"]["compute"]
+        law = fit["families"][family]["laws"]["compute"]
+        assert law["k_max"] == pytest.approx(alone["k_max"], rel=1e-6)
+        section = report.split(f"### Family {family}")[1].split("### Family")[0].split("## ")[0]
+        assert f"k_max = {law['k_max']:.4g}" in section
+        assert f"![fit_{family}_per_size_compute.png]" in section
+        assert f"{law['n_points']} points from {law['n_runs']} runs" in section
+    # figures keep the families apart: one curve per (model, family)
+    assert (tmp_path / "fit_k_vs_N_families.png").stat().st_size > 1000

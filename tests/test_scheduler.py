@@ -3,11 +3,14 @@
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import ray
 from ray.tune.schedulers import TrialScheduler
 
+from rayrl.metrics import KIND, STEP
 from rayrl.scaling.scheduler import ScalingLawScheduler, decide
 
 STEPS = 20  # law_study.STEPS: each trial reports 20 steps
@@ -75,10 +78,15 @@ def test_scheduler_stops_dominated_trials_keeps_winner_and_saves_compute(tmp_pat
     assert all(off[m]["test_loss"] > off["big"]["test_loss"] for m in stopped)
     assert all(d["action"] == "continue" for d in off_decisions)
     assert any("would stop" in d["reason"] for d in off_decisions)
+    # The same decisions as the blocking scheduler made on this study: small and mid stop
+    # right after the grace quarter (it stopped both at step 5), big runs to the end.
+    assert stopped == {"small", "mid"}
+    assert all(on[m]["step"] <= STEPS // 4 + 2 for m in stopped), on
 
 
 def test_rivals_are_runs_of_the_same_sweep_and_a_shared_baseline_must_lose_in_all(monkeypatch):
-    sched = ScalingLawScheduler(fitter_name="unused", grace_fraction=0.25)
+    sched = ScalingLawScheduler(fitter=None, grace_fraction=0.25)
+    monkeypatch.setattr(sched, "_refresh", lambda: None)
     preds = {
         "big": {"mean": 0.1, "lo": 0.08, "hi": 0.12},  # wins the size sweep
         "small-tau1": {"mean": 0.8, "lo": 0.78, "hi": 0.82},
@@ -99,3 +107,56 @@ def test_rivals_are_runs_of_the_same_sweep_and_a_shared_baseline_must_lose_in_al
     preds["small-tau4"] = {"mean": 0.3, "lo": 0.28, "hi": 0.32}
     report("small-tau4", "reuse", step=11)
     assert report("small-tau1", "size,reuse", step=11) == TrialScheduler.STOP
+
+
+class Fixed:
+    """A forecast that is the same at every X."""
+
+    def __init__(self, mean, half):
+        self.mean, self.half = mean, half
+
+    def at(self, x):
+        return {"mean": self.mean, "lo": self.mean - self.half, "hi": self.mean + self.half}
+
+
+@ray.remote(num_cpus=0)
+class SlowFitter:
+    """Answers a snapshot only after `delay` seconds, as a busy or restarting fitter would."""
+
+    def __init__(self, delay):
+        self.delay, self.calls = delay, 0
+
+    def snapshot(self):
+        self.calls += 1
+        time.sleep(self.delay)
+        return {"loser": Fixed(0.8, 0.02), "winner": Fixed(0.2, 0.02)}
+
+    def n_calls(self):
+        return self.calls
+
+
+def test_no_callback_waits_on_a_slow_fitter(ray_session):
+    fitter = SlowFitter.remote(3.0)
+    sched = ScalingLawScheduler(fitter, grace_fraction=0.25)
+
+    def report(run_id, step, **extra):
+        result = {"run_id": run_id, "step": step, "total_steps": 20, "test_loss": 0.5}
+        t0 = time.perf_counter()
+        action = sched.on_trial_result(None, None, {**result, "compute_flops": step, **extra})
+        return action, time.perf_counter() - t0
+
+    seconds = []
+    for step in range(6, 12):
+        for run_id in ("winner", "loser"):
+            action, took = report(run_id, step)
+            seconds.append(took)
+            assert action == TrialScheduler.CONTINUE  # no snapshot yet: nothing to judge by
+    # step results pass straight through, without even a request
+    assert report("loser", 11, **{KIND: STEP})[0] == TrialScheduler.CONTINUE
+    time.sleep(3.5)  # the snapshot has arrived by now
+    action, took = report("loser", 12)
+    seconds.append(took)
+    assert action == TrialScheduler.STOP
+    assert max(seconds) < 0.5, seconds  # a blocking call would take the fitter's 3 s
+    # one request in flight at a time, however many results arrive meanwhile
+    assert ray.get(fitter.n_calls.remote()) <= 3

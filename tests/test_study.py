@@ -2,6 +2,7 @@
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -17,6 +18,9 @@ import pytest
 import ray
 
 from rayrl.config import load_config
+from rayrl.report import main_law_rows
+from rayrl.scaling.commands import fit_table
+from rayrl.scaling.fitter import Fitter, get_fitter
 from rayrl.study import run_study
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,7 +54,7 @@ def free_ports(n: int) -> list[int]:
 
 def saboteur(cfg, study_dir, log):
     """Kill the FitterActor once it holds rows, then one trial's rollout actor mid-run."""
-    fitter = wait_for(lambda: ray.get_actor(cfg.study.name, namespace="rayrl"))
+    fitter = wait_for(lambda: get_fitter(study_dir))
     wait_for(lambda: len(ray.get(fitter.rows.remote())) >= 2)
     ray.kill(fitter, no_restart=False)
     log.append("fitter")
@@ -88,15 +92,49 @@ def test_smoke_study_survives_faults_resumes_and_reports(ray_session, tmp_path):
         assert steps == [s for s in expected if s <= last], (run_id, steps, stops)
     # the trial whose rollout actor was killed at step >= 2 went on past it
     assert max(df[df["run_id"] == killed[1]]["step"]) >= 4
-    # the fitter came back and holds every row: none lost when it died
-    fitter = ray.get_actor(cfg.study.name, namespace="rayrl")
-    held = pd.DataFrame(ray.get(fitter.rows.remote()))
+    # the fitter came back and kept every row (none lost when it died); the study stopped it
+    with pytest.raises(ValueError):
+        get_fitter(study_dir)
+    held = pd.DataFrame(Fitter(str(study_dir / "fitter"), min_interval_s=3600).rows())
     assert set(zip(held["run_id"], held["step"])) == set(zip(df["run_id"], df["step"]))
 
+    # both families in one study, fitted apart: each as fitted on its own rows alone
+    fit = json.loads((study_dir / "fit.json").read_text())
+    assert sorted(fit["families"]) == ["base", "instruct"] == sorted(df["family"].unique())
+    scaling = main_law_rows(df, cfg.grpo.rollout_n)
+    for family, rows in scaling.groupby("family"):
+        alone = fit_table(rows, protocol="inter", n_boot=0)[0]["families"][family]
+        mine = fit["families"][family]
+        assert mine["status"] == alone["status"]
+        assert [(r["run_id"], r.get("k")) for r in mine.get("runs", [])] == [
+            (r["run_id"], r.get("k")) for r in alone.get("runs", [])
+        ]
+        assert {r["run_id"] for r in mine.get("runs", [])} == set(rows["run_id"])
+
     report = (study_dir / "report.md").read_text()
+    assert "### Family base" in report and "### Family instruct" in report
     for figure in ("reuse.png", "rollout_n.png"):
         assert f"]({figure})" in report and (study_dir / figure).stat().st_size > 1000
     assert "## Scheduler" in report and "## Planner" in report
+
+    # TensorBoard (on by default) and MLflow's reader see every trial
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = sorted((study_dir / "tune" / cfg.study.name).glob("*/events.out.tfevents.*"))
+    assert len(events) == len(trials)
+    for path in events:
+        acc = EventAccumulator(str(path.parent))
+        acc.Reload()
+        assert "ray/tune/test_loss" in acc.Tags()["scalars"]
+        assert "ray/tune/reward_mean" in acc.Tags()["scalars"]  # step rows too
+    from mlflow.tracking import MlflowClient
+
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3's file-store opt-in
+
+    client = MlflowClient(tracking_uri=(study_dir / "mlflow").as_uri())
+    runs = client.search_runs([client.get_experiment_by_name(cfg.study.name).experiment_id])
+    assert len(runs) == len(trials)
+    assert {r.data.params["trial/family"] for r in runs} == {"base", "instruct"}
 
     # running it again resumes: nothing recomputed, nothing duplicated
     before = (study_dir / "metrics.parquet").read_bytes()
@@ -109,14 +147,20 @@ def test_smoke_study_survives_faults_resumes_and_reports(ray_session, tmp_path):
 @pytest.mark.timeout(1200)
 def test_smoke_study_through_ray_job_submit_on_a_local_head(tmp_path):
     bin_dir = Path(sys.executable).parent
-    # A loopback-only test cluster: Ray 2.60 turns token auth on by default, off here.
+    # Token auth on, as Ray 2.59+ has it by default for a local `ray start --head`: the CLI
+    # client must set RAY_AUTH_MODE=token too (README, deploy/README.md). The token lives in
+    # tmp_path rather than ~/.ray/auth_token so that the test owns it.
+    token = tmp_path / "auth_token"
+    token.write_text(secrets.token_hex(32))
     env = {
         **os.environ,
         "PATH": f"{bin_dir}:{os.environ['PATH']}",
         "RAY_USAGE_STATS_ENABLED": "0",
-        "RAY_AUTH_MODE": "disabled",
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN_PATH": str(token),
     }
     env.pop("RAY_ADDRESS", None)
+    env.pop("RAY_AUTH_TOKEN", None)
     temp_dir = tempfile.mkdtemp(prefix="rr", dir="/tmp")  # unix socket paths must stay short
     # Every port free and explicit: Ray's defaults (the agent's 52365, ...) are taken by the
     # test session's own Ray, and a head whose agent cannot bind never accepts a job.
@@ -172,6 +216,16 @@ def test_smoke_study_through_ray_job_submit_on_a_local_head(tmp_path):
             ),
             timeout=180,
         )
+        # Auth is really on: a client that sends no token is turned away.
+        anonymous = subprocess.run(
+            [str(bin_dir / "ray"), "job", "list", "--address", address],
+            env={**env, "RAY_AUTH_MODE": "disabled"},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert anonymous.returncode != 0, anonymous.stdout
+        assert "authentication" in (anonymous.stdout + anonymous.stderr).lower()
         out = tmp_path / "study"
         job_id = f"rayrl-smoke-{os.getpid()}"
 

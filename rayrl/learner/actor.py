@@ -10,6 +10,8 @@ import math
 import os
 import time
 from collections import defaultdict
+from collections.abc import Iterator
+from itertools import groupby
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,21 @@ def grad_accumulation_steps(grpo: GRPOConfig, rollout_n: int, world_size: int) -
     mini_batch = grpo.prompts_per_step // grpo.mini_batches * rollout_n
     smallest_shard = mini_batch // world_size
     return max(1, math.ceil(smallest_shard / grpo.micro_batch))
+
+
+def deepspeed_config(
+    grpo: GRPOConfig, resources: ResourcesConfig, gas: int, world_size: int
+) -> dict[str, Any]:
+    """The DeepSpeed engine's config for one learner rank."""
+    return {
+        "train_micro_batch_size_per_gpu": grpo.micro_batch,
+        "gradient_accumulation_steps": gas,
+        "train_batch_size": grpo.micro_batch * gas * world_size,
+        "gradient_clipping": grpo.grad_clip,
+        "zero_optimization": {"stage": resources.zero_stage},
+        "bf16": {"enabled": resources.device == "gpu"},
+        "steps_per_print": 10**9,
+    }
 
 
 class Learner:
@@ -69,24 +86,27 @@ class Learner:
         deepspeed.init_distributed(dist_backend="nccl" if self.gpu else "gloo")
         torch.manual_seed(grpo.seed + self.rank)
         dtype = torch.bfloat16 if self.gpu else torch.float32
-        policy = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype)
-        self.ref = (
-            AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype)
-            .to(self.device)
-            .eval()
-        )
-        self.ref.requires_grad_(False)
-        self.pad_id = policy.config.pad_token_id or 0
         self.gas = grad_accumulation_steps(grpo, self.rollout_n, self.world_size)
-        ds_config = {
-            "train_micro_batch_size_per_gpu": grpo.micro_batch,
-            "gradient_accumulation_steps": self.gas,
-            "train_batch_size": grpo.micro_batch * self.gas * self.world_size,
-            "gradient_clipping": grpo.grad_clip,
-            "zero_optimization": {"stage": self.resources.zero_stage},
-            "bf16": {"enabled": self.gpu},
-            "steps_per_print": 10**9,
-        }
+        ds_config = deepspeed_config(grpo, self.resources, self.gas, self.world_size)
+        zero3 = self.resources.zero_stage == 3
+        if zero3:
+            from transformers.integrations import HfDeepSpeedConfig
+
+            # While this object lives, from_pretrained builds under zero.Init and loads each
+            # weight into its shard: no rank ever holds the whole model.
+            self._hf_ds = HfDeepSpeedConfig(ds_config)
+        policy = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype)
+        if self.resources.gradient_checkpointing:
+            # Non-reentrant: the form that works with ZeRO-3's parameter hooks.
+            policy.gradient_checkpointing_enable({"use_reentrant": False})
+        ref = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype).eval()
+        ref.requires_grad_(False)
+        if zero3:  # the reference is sharded too: a ZeRO-3 engine with no optimizer
+            self.ref, *_ = deepspeed.initialize(model=ref, config=ds_config)
+            self.ref.eval()
+        else:
+            self.ref = ref.to(self.device)
+        self.pad_id = policy.config.pad_token_id or 0
         # A client optimizer: FusedAdam needs CUDA, torch's AdamW runs on both.
         opt = torch.optim.AdamW(policy.parameters(), lr=grpo.lr, weight_decay=grpo.weight_decay)
         self.engine, *_ = deepspeed.initialize(model=policy, optimizer=opt, config=ds_config)
@@ -148,15 +168,39 @@ class Learner:
         sums["seconds"] = time.perf_counter() - t0
         return dict(sums)
 
-    def named_weights(self):
-        """Full (gathered) weights by HF name; ZeRO-3 shards need a gather first."""
+    def stream_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """The policy's weights by HF name, one module at a time. Under ZeRO-3 each module
+        is gathered (a collective: every rank iterates in the same order), copied out and
+        freed, so a rank holds at most one module gathered plus what its consumer keeps."""
         import deepspeed
 
         params = list(self.engine.module.named_parameters())
-        if self.engine.zero_optimization_stage() == 3:
-            with deepspeed.zero.GatheredParameters([p for _, p in params]):
-                return [(n, p.detach().cpu().clone()) for n, p in params]
-        return [(n, p.detach()) for n, p in params]
+        if self.engine.zero_optimization_stage() != 3:
+            yield from ((n, p.detach()) for n, p in params)
+            return
+        for _, group in groupby(params, key=lambda np_: np_[0].rsplit(".", 1)[0]):
+            group = list(group)
+            with deepspeed.zero.GatheredParameters([p for _, p in group]):
+                for n, p in group:
+                    yield n, p.detach().clone()
+
+    def named_weights(self) -> list[tuple[str, torch.Tensor]]:
+        """Every weight at once, as CPU copies, for checks against a reference model. Copies:
+        under ZeRO a parameter is a view into one flat buffer, and Ray would pickle the whole
+        buffer with each view."""
+        return [(n, t.to("cpu", copy=True)) for n, t in self.stream_weights()]
+
+    def resident_param_bytes(self) -> int:
+        """Bytes of policy and reference parameters this rank holds (its shards under ZeRO-3)."""
+        total = 0
+        for model in (self.engine.module, self.ref):
+            for p in model.parameters():
+                # ZeRO-3 keeps the shard in ds_tensor and frees p.data, except for the small
+                # parameters it keeps whole on every rank (stage3_param_persistence_threshold).
+                shard = getattr(p, "ds_tensor", None)
+                total += p.data.numel() * p.element_size()
+                total += shard.numel() * shard.element_size() if shard is not None else 0
+        return total
 
     # --- weight sync (rank 0 only) -------------------------------------------------
     def init_weight_sync(self, **kwargs: Any) -> None:
@@ -165,9 +209,14 @@ class Learner:
         self.sender = WeightSender(**kwargs)
 
     def sync_weights(self) -> Any:
-        """Every rank gathers (a collective under ZeRO-3); rank 0 alone sends. Returns SyncStats on rank 0."""
-        weights = self.named_weights()
-        return self.sender.send(weights) if self.sender is not None else None
+        """Every rank streams (gathers under ZeRO-3); rank 0 alone sends, bucket by bucket.
+        Returns SyncStats on rank 0."""
+        weights = self.stream_weights()
+        if self.sender is None:
+            for _ in weights:  # take part in every gather, keep nothing
+                pass
+            return None
+        return self.sender.send(weights)
 
     # --- checkpoints ------------------------------------------------------------------
     def save(self, path: str, tag: str) -> None:

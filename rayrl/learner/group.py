@@ -68,6 +68,14 @@ class LearnerGroup:
             "seconds": max(r["seconds"] for r in per_rank),
         }
 
+    def named_weights(self) -> list[tuple[str, Any]]:
+        """Rank 0's full weights; every rank is asked, since under ZeRO-3 gathering is a collective."""
+        return ray.get([a.named_weights.remote() for a in self.actors])[0]
+
+    def resident_param_bytes(self) -> list[int]:
+        """Each rank's policy and reference parameter bytes (its shards under ZeRO-3)."""
+        return ray.get([a.resident_param_bytes.remote() for a in self.actors])
+
     def init_weight_sync(self, **kwargs: Any) -> ray.ObjectRef:
         """Rank 0 joins the broadcast group; returns the pending call (the receivers join too)."""
         return self.actors[0].init_weight_sync.remote(**kwargs)

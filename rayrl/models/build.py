@@ -70,6 +70,20 @@ def build_model(
             seed=lad.seed,
             on_steps=on_steps,
         )
+        if spec.instruct_steps:  # the instruct family: boxed answers only
+            pretrain(
+                model,
+                tokenizer,
+                spec.instruct_steps,
+                lad.pretrain_batch,
+                pretrain_lr(cfg, spec),
+                data.max_digits,
+                set(test),
+                lad.pretrain_hardest_share,
+                unboxed_share=0.0,
+                seed=lad.seed + 1,
+                on_steps=on_steps,
+            )
         rows = curriculum_order(to_rows(test, "+", "test"))
         stride = max(1, len(rows) // lad.eval_problems)  # an even slice of the difficulty range
         score = pass_at_1(
@@ -87,7 +101,7 @@ def build_model(
         total,
         non_embedding,
         round(score, 4),
-        steps,
+        steps + spec.instruct_steps,
         round(time.time() - start, 1),
     )
     # Write beside the final place, then rename: an interrupted build is never a cache hit.

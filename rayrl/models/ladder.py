@@ -44,6 +44,7 @@ def cache_key(cfg: Config, spec: ModelSpec) -> str:
     settings = {
         "version": CACHE_VERSION,
         "architecture": [getattr(spec, f) for f in ARCHITECTURE],
+        "instruct_steps": spec.instruct_steps,
         "pretrain": [
             lad.pretrain_tokens_per_param,
             lad.pretrain_min_steps,
@@ -94,11 +95,13 @@ def build_ladder(
 
 
 def model_path(cfg: Config, name: str, family: str | None = None) -> Path:
-    """The HF model directory of model `name`: its `path` when it has one, else its
-    ladder build (made now if missing)."""
+    """The HF model directory of model `name`: its `path` when it has one (a GGUF file's
+    conversion, made now if missing), else its ladder build (made now if missing)."""
     spec = cfg.model(name, family)
     if spec.path:
-        return Path(spec.path).expanduser()
+        from rayrl.models.external import model_dir
+
+        return model_dir(spec.path)
     return Path(_entries(cfg, [spec], progress=False)[0].path)
 
 
@@ -154,7 +157,7 @@ def _build_all(
     workers = min(len(specs), os.cpu_count() or 1)
     # The bar counts steps weighted by N, i.e. training FLOPs, so its time estimate holds.
     with tqdm(
-        total=sum(n * s for n, s in zip(steps, sizes)),
+        total=sum((n + sp.instruct_steps) * s for n, s, sp in zip(steps, sizes, specs)),
         desc=f"pre-training {', '.join(s.name for s in specs)}",
         bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining}",
         disable=not progress,

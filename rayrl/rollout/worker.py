@@ -65,7 +65,8 @@ class RolloutWorker:
         from vllm import LLM  # only rollout actors import vLLM
         from vllm.platforms import current_platform
 
-        if current_platform.is_cpu():
+        cpu = current_platform.is_cpu()
+        if cpu:
             check_cpu_head_size(model_path)
         self.llm = LLM(
             model=model_path,
@@ -78,6 +79,13 @@ class RolloutWorker:
             # CUDA graphs survive syncs: the layerwise reload writes into the same storage.
             enforce_eager=enforce_eager,
             seed=seed,
+            # A prompt whose prefill takes several engine steps samples a token at each
+            # partial step and throws it away; vLLM then rewinds the request's seeded
+            # generator by its Philox offset, which a CPU generator does not have ("CPU
+            # Generator does not use offset"). Without chunking every scheduled prefill is
+            # whole (vLLM raises the step's token budget to at least max_model_len), so
+            # each seeded draw is a kept sample and seeded runs reproduce.
+            enable_chunked_prefill=not cpu,
             logprobs_mode="processed_logprobs",
             worker_extension_cls=EXTENSION,
         )

@@ -11,12 +11,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from rayrl.metrics import AXES, LawKey, MetricsError, families, read_metrics, x_column
 from rayrl.scaling.compare import compare_forms
-from rayrl.scaling.figures import plot_k_of_N, plot_loss_curves, plot_per_size
+from rayrl.scaling.figures import plot_k_families, plot_k_of_N, plot_loss_curves, plot_per_size
 from rayrl.scaling.fit import FitError, MainFit, fit_main_law
 from rayrl.scaling.planner import best_size, reuse_study
 from rayrl.scaling.protocols import fit_run, inter_model, intra_model
-from rayrl.scaling.table import X_COLUMNS, MetricsError, load_metrics, to_points
+from rayrl.scaling.table import to_points
 
 N_BOOT = 1000
 
@@ -58,6 +59,9 @@ def _run_slopes(p) -> list[dict]:
     return out
 
 
+STATUS_ORDER = ("ok", "flagged", "partial", "error")  # a study's status is its worst family's
+
+
 def fit_table(
     df: pd.DataFrame,
     x: str = "compute",
@@ -68,22 +72,61 @@ def fit_table(
     E_form: str = "free",
     loss: str = "linear",
     source: str = "metrics",
-) -> tuple[dict, dict]:
-    """Fit the main law on every X axis the rows carry; returns (fit.json document, objects
-    for figures: points, fit and protocol result of the chosen axis).
+) -> tuple[dict, dict[str, dict]]:
+    """Fit the main law of every family (or only `family`) on every X axis the rows carry.
 
-    status: "ok"; "flagged" when rows or runs were dropped or a parameter sits on a bound;
-    "partial" when the chosen axis has no law (e.g. one model size), with per-run slopes.
+    Returns the fit.json document, {"families": {family: its fit}, "status": the worst
+    family's, ...}, and per family the objects for figures (points, fit and protocol result
+    of the chosen axis). A family's status: "ok"; "flagged" when rows or runs were dropped or
+    a parameter sits on a bound; "partial" when the chosen axis has no law (e.g. one model
+    size), with per-run slopes; "error" when it has no usable rows (raised instead when it is
+    the only family).
     """
     if protocol not in (None, "intra", "inter"):
         raise ValueError(f"protocol must be 'intra', 'inter' or None, got {protocol!r}")
-    doc: dict = {"source": source, "x": x, "status": "ok", "warnings": [], "laws": {}}
+    x_column(x)
+    if "family" not in df.columns:
+        raise MetricsError(f"{source}: missing column(s) ['family'] (DESIGN.md metric rows)")
+    names = families(df)
+    if family is not None and family not in names:
+        raise MetricsError(f"{source}: no rows with family == {family!r} (have {names})")
+    names = [family] if family is not None else names
+    if not names:
+        raise MetricsError(f"{source}: no rows")
+    doc: dict = {"source": source, "x": x, "families": {}}
+    objects: dict[str, dict] = {}
+    for name in names:
+        rows = df[df["family"].astype(str) == name]
+        try:
+            doc["families"][name], objects[name] = _fit_family(
+                rows, x, protocol, fit_fraction, n_boot, E_form, loss, f"{source} [{name}]"
+            )
+        except MetricsError as e:
+            if len(names) == 1:
+                raise
+            doc["families"][name] = {"status": "error", "error": str(e), "warnings": [], "laws": {}}
+    doc["status"] = max((f["status"] for f in doc["families"].values()), key=STATUS_ORDER.index)
+    return _json_safe(doc), objects
+
+
+def _fit_family(
+    df: pd.DataFrame,
+    x: str,
+    protocol: str | None,
+    fit_fraction: float,
+    n_boot: int,
+    E_form: str,
+    loss: str,
+    source: str,
+) -> tuple[dict, dict]:
+    """One family's fit document and figure objects (see fit_table)."""
+    doc: dict = {"status": "ok", "warnings": [], "laws": {}}
     objects: dict = {}
-    for axis, column in X_COLUMNS.items():
+    for axis, column in AXES.items():
         if axis != x and column not in df.columns:
             continue
         try:
-            p = to_points(df, axis, family, source)
+            p = to_points(df, axis, None, source)
         except MetricsError as e:
             if axis == x:
                 raise  # nothing usable on the chosen axis: a clear error, not a result
@@ -116,9 +159,26 @@ def fit_table(
             doc["protocol"] = {"protocol": protocol, "error": str(e)}
             doc["status"] = "flagged"
     if "reuse_factor" in df.columns and df["reuse_factor"].nunique() > 1:
-        rows = df if family is None else df[df["family"].astype(str) == family]
-        doc["reuse"] = reuse_study(rows)
-    return _json_safe(doc), objects
+        doc["reuse"] = reuse_study(df)
+    return doc, objects
+
+
+def without_draws(doc: dict) -> dict:
+    """A fit.json document with its bootstrap draws left out (for printing and summaries)."""
+    out = {**doc, "families": {}}
+    for name, fam in doc["families"].items():
+        laws = {a: {k: v for k, v in law.items() if k != "draws"} for a, law in fam["laws"].items()}
+        out["families"][name] = {**fam, "laws": laws}
+    return out
+
+
+def laws_of(doc: dict) -> dict[LawKey, MainFit]:
+    """Every law of a fit.json document, by (axis, family)."""
+    return {
+        LawKey(axis, name): MainFit.from_dict(law)
+        for name, fam in doc["families"].items()
+        for axis, law in fam["laws"].items()
+    }
 
 
 def write_json(doc: dict, path: Path) -> None:
@@ -140,10 +200,12 @@ def fit_command(
     E_form: str = "free",
     loss: str = "linear",
 ) -> dict:
-    """Read METRICS.{parquet,csv}, fit, write fit.json and PNG figures beside it; return the
-    summary (fit.json without the bootstrap draws). Raises MetricsError on unusable input."""
+    """Read METRICS.{parquet,csv}, fit each family (or only `family`), write fit.json and PNG
+    figures beside it: per family STEM_FAMILY_{loss_vs_X,k_vs_N,per_size_X}.png, and with two
+    or more families STEM_k_vs_N_families.png. Returns fit.json without the bootstrap draws.
+    Raises MetricsError on unusable input."""
     doc, objects = fit_table(
-        load_metrics(metrics),
+        read_metrics(metrics),
         x,
         protocol,
         fit_fraction,
@@ -155,26 +217,28 @@ def fit_command(
     )
     out_path = Path(out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    if figures and "fit" in objects:
+    if figures:
         stem = out_path.with_suffix("")
-        doc["figures"] = [
-            str(
-                plot_loss_curves(
-                    objects["points"],
-                    objects["fit"],
-                    f"{stem}_loss_vs_{x}.png",
-                    objects.get("protocol"),
-                )
-            ),
-            str(plot_k_of_N(objects["fit"], f"{stem}_k_vs_N.png")),
-            str(plot_per_size(objects["points"], objects["fit"], f"{stem}_per_size_{x}.png")),
-        ]
+        for name, obj in objects.items():
+            if "fit" not in obj:
+                continue
+            doc["families"][name]["figures"] = [
+                str(
+                    plot_loss_curves(
+                        obj["points"],
+                        obj["fit"],
+                        f"{stem}_{name}_loss_vs_{x}.png",
+                        obj.get("protocol"),
+                    )
+                ),
+                str(plot_k_of_N(obj["fit"], f"{stem}_{name}_k_vs_N.png")),
+                str(plot_per_size(obj["points"], obj["fit"], f"{stem}_{name}_per_size_{x}.png")),
+            ]
+        if len(doc["families"]) > 1:
+            compared = plot_k_families(doc, f"{stem}_k_vs_N_families.png")
+            doc["figures"] = [str(compared)] if compared else []
     write_json(doc, out_path)
-    summary = {**doc, "out": str(out_path)}
-    summary["laws"] = {
-        a: {k: v for k, v in law.items() if k != "draws"} for a, law in doc["laws"].items()
-    }
-    return summary
+    return {**without_draws(doc), "out": str(out_path)}
 
 
 def _format_best(answer: dict, eq: str, unit: str) -> list[str]:
@@ -196,56 +260,72 @@ def _format_best(answer: dict, eq: str, unit: str) -> list[str]:
 
 
 def plan_command(
-    fit_json: str, compute_budget: float | None = None, data_budget: float | None = None
+    fit_json: str,
+    compute_budget: float | None = None,
+    data_budget: float | None = None,
+    family: str | None = None,
 ) -> str:
-    """The planner's printable answer: eq. 5 for a FLOPs budget, eq. 7 for a unique-data budget,
-    eq. 9 when the fit holds a reuse study."""
+    """The planner's printable answer for each family (or only `family`): eq. 5 for a FLOPs
+    budget, eq. 7 for a unique-data budget, eq. 9 when the fit holds a reuse study."""
     doc = json.loads(Path(fit_json).read_text())
+    fams = doc.get("families", {})
+    if family is not None and family not in fams:
+        raise MetricsError(f"{fit_json}: no family {family!r} (have {sorted(fams)})")
     lines = [f"{fit_json}: status {doc.get('status')}"]
-    for budget, axis, eq, unit in (
-        (compute_budget, "compute", "eq. 5", "FLOPs"),
-        (data_budget, "data", "eq. 7", "samples"),
-    ):
-        if budget is None:
+    planned = False
+    for name, fam in fams.items():
+        if family is not None and name != family:
             continue
-        if axis not in doc.get("laws", {}):
-            lines.append(
-                f"{axis} budget: {fit_json} has no {axis}-axis law ({doc.get('error', 'not fitted')})"
-            )
-            continue
-        lines += _format_best(best_size(MainFit.from_dict(doc["laws"][axis]), budget), eq, unit)
-    for size in doc.get("reuse", {}).get("sizes", []):
-        if "error" in size:
-            lines.append(f"reuse (eq. 9), N = {size['n_params']:.3g}: {size['error']}")
-            continue
-        lines.append(
-            f"reuse (eq. 9), N = {size['n_params']:.3g}: tau* = {size['tau_star']:g} is the largest reuse factor "
-            f"within noise of tau = 1; lowest loss at tau = {size['tau_min_loss']:g}"
-            + ("" if size["same_D_total"] in (True, None) else " (warning: runs differ in D_total)")
-        )
-        for t in size["taus"]:
-            within = {True: "within noise", False: "worse", None: "noise unknown"}[
-                t["within_noise"]
-            ]
-            lines.append(
-                f"  tau {t['tau']:>6g}: loss {t['test_loss']:.4f} ± {t['se']:.4f} (n={t['n_runs']}), {within}"
-            )
-    if len(lines) == 1:
+        lines.append(f"family {name}: status {fam.get('status')}")
+        for budget, axis, eq, unit in (
+            (compute_budget, "compute", "eq. 5", "FLOPs"),
+            (data_budget, "data", "eq. 7", "samples"),
+        ):
+            if budget is None:
+                continue
+            planned = True
+            if axis not in fam.get("laws", {}):
+                lines.append(
+                    f"{axis} budget: {fit_json} has no {axis}-axis law for {name} "
+                    f"({fam.get('error', 'not fitted')})"
+                )
+                continue
+            lines += _format_best(best_size(MainFit.from_dict(fam["laws"][axis]), budget), eq, unit)
+        for size in fam.get("reuse", {}).get("sizes", []):
+            planned = True
+            lines += _format_reuse(size)
+    if not planned:
         lines.append(
             "nothing to plan: give a compute or data budget, or fit a table with a reuse study"
         )
     return "\n".join(lines)
 
 
+def _format_reuse(size: dict) -> list[str]:
+    if "error" in size:
+        return [f"reuse (eq. 9), N = {size['n_params']:.3g}: {size['error']}"]
+    lines = [
+        f"reuse (eq. 9), N = {size['n_params']:.3g}: tau* = {size['tau_star']:g} is the largest reuse factor "
+        f"within noise of tau = 1; lowest loss at tau = {size['tau_min_loss']:g}"
+        + ("" if size["same_D_total"] in (True, None) else " (warning: runs differ in D_total)")
+    ]
+    for t in size["taus"]:
+        within = {True: "within noise", False: "worse", None: "noise unknown"}[t["within_noise"]]
+        lines.append(
+            f"  tau {t['tau']:>6g}: loss {t['test_loss']:.4f} ± {t['se']:.4f} (n={t['n_runs']}), {within}"
+        )
+    return lines
+
+
 def add_arguments_fit(parser: argparse.ArgumentParser) -> None:
     """Flags of `rayrl fit`; dests match fit_command's parameters."""
     parser.add_argument("metrics", help="METRICS.parquet or METRICS.csv")
-    parser.add_argument("--x", choices=sorted(X_COLUMNS), default="compute")
+    parser.add_argument("--x", choices=sorted(AXES), default="compute")
     parser.add_argument("--protocol", choices=["intra", "inter"], default=None)
     parser.add_argument("--fit-fraction", dest="fit_fraction", type=float, default=0.25)
     parser.add_argument("--out", default="fit.json")
     parser.add_argument("--no-figures", dest="figures", action="store_false")
-    parser.add_argument("--family", default=None, help="model family, when the table holds several")
+    parser.add_argument("--family", default=None, help="fit one model family (default: each)")
     parser.add_argument("--n-boot", dest="n_boot", type=int, default=N_BOOT)
     parser.add_argument("--E-form", dest="E_form", choices=["free", "smooth"], default="free")
     parser.add_argument("--loss", choices=["linear", "huber"], default="linear")
@@ -264,5 +344,7 @@ __all__ = [
     "add_arguments_plan",
     "fit_command",
     "fit_table",
+    "laws_of",
     "plan_command",
+    "without_draws",
 ]

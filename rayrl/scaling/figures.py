@@ -105,9 +105,14 @@ def plot_k_of_N(fit: MainFit, path: str | Path) -> Path:
         ax.set_ylim(k_hat.min() / 3, top)
     else:
         ax.set_ylim(min(0.0, float(np.min(k_hat - 1.645 * se))) * 1.2, top)
+    return _save_k_chart(fig, ax, fit.x_name, path)
+
+
+def _save_k_chart(fig: Figure, ax, x_name: str, path: str | Path) -> Path:
+    """Axes, legend and file of a k-against-N chart."""
     ax.set_xscale("log")
     ax.set_xlabel("non-embedding parameters N")
-    ax.set_ylabel(f"learning efficiency k ({fit.x_name})")
+    ax.set_ylabel(f"learning efficiency k ({x_name})")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -154,3 +159,34 @@ def plot_per_size(p: Points, fit: MainFit, path: str | Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     return Path(path)
+
+
+def plot_k_families(doc: dict, path: str | Path) -> Path | None:
+    """The families' learning efficiency against N on one chart (the paper's base against
+    instruct comparison): each size's own slope, and k(N) where the family has a law; from a
+    fit.json document, so a family without a law (too few sizes) still shows its runs' slopes.
+    None when no family has a slope to show."""
+    fig = Figure(figsize=(6, 4.5))
+    ax = fig.add_subplot()
+    drawn = False
+    for i, (name, fam) in enumerate(doc["families"].items()):
+        color = f"C{i}"
+        law = fam.get("laws", {}).get(doc["x"])
+        if law:
+            fit = MainFit.from_dict(law)
+            ax.plot(fit.sizes, fit.k_hat, "o", color=color, label=f"{name}: per-size slope")
+            N = np.geomspace(min(fit.sizes) / 3, max(fit.sizes) * 10, 200)
+            ax.plot(N, fit.k(N), color=color, label=f"{name}: k(N), k_max {fit.k_max:.3g}")
+            drawn = True
+        elif runs := [r for r in fam.get("runs", []) if "k" in r]:
+            ax.plot(
+                [r["N"] for r in runs],
+                [r["k"] for r in runs],
+                "x",
+                color=color,
+                label=f"{name}: per-run slope (no law)",
+            )
+            drawn = True
+    if not drawn:
+        return None
+    return _save_k_chart(fig, ax, doc["x"], path)

@@ -1,4 +1,9 @@
-"""FitterActor: the named, detached Ray actor that trials stream metric rows to.
+"""FitterActor: the Ray actor that a study's trials stream metric rows to.
+
+One per study: named from the resolved study directory (fitter_name), so two studies with
+the same study.name on one cluster never share one; started by the study's driver
+(start_fitter, which replaces a leftover of a crashed driver, so a resumed study gets a
+fresh actor that reloads its rows from disk) and stopped when the study ends (stop_fitter).
 
 add_rows writes each batch to its own parquet part file (fsynced, atomically renamed)
 before it returns, so a restart (max_restarts=-1) reloads every acknowledged row from
@@ -9,26 +14,31 @@ holds; reloading takes the newest compact file plus the parts after it. Rows are
 A background thread refits when rows arrive, at most once per min_interval_s, and writes
 out_dir/fit.json in the format of `rayrl fit` (so `rayrl plan` reads it). Queries serve the
 latest fit; the very first query after a (re)start fits at once if no fit exists yet.
+Fits, predictions and planner answers are per (axis, family): rows of two families never
+share a law. snapshot() hands the scheduler every run's forecast in one call, so it can
+judge any run at any X without asking again.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import ray
 
-from rayrl.scaling.commands import fit_table, write_json
+from rayrl.metrics import REQUIRED, LawKey, MetricsError, check_columns, x_column
+from rayrl.scaling.commands import fit_table, laws_of, without_draws, write_json
 from rayrl.scaling.fit import FitError, MainFit
 from rayrl.scaling.planner import best_size, reuse_study
-from rayrl.scaling.protocols import fit_run
-from rayrl.scaling.table import REQUIRED, X_COLUMNS, MetricsError
+from rayrl.scaling.protocols import RunFit, fit_run
 
 log = logging.getLogger(__name__)
 
@@ -52,14 +62,39 @@ def _write_parquet(df: pd.DataFrame, path: Path) -> None:
         os.close(fd)
 
 
+@dataclass
+class Forecast:
+    """One run's intra-model fit: its test loss at any X, with the interval of one evaluation."""
+
+    run_id: str
+    N: float
+    n_points: int
+    fit: RunFit
+
+    def at(self, x_end: float) -> dict:
+        """The prediction at X = x_end; "mean" and "test_loss" are the same number."""
+        L, lo, hi = (float(v) for v in self.fit.predict(x_end))
+        return {
+            "run_id": self.run_id,
+            "x_end": float(x_end),
+            "n_points": self.n_points,
+            "N": self.N,
+            "mean": L,
+            "test_loss": L,
+            "lo": lo,
+            "hi": hi,
+            "k": self.fit.k,
+            "k_source": self.fit.source,
+        }
+
+
 class Fitter:
     """The actor's logic; FitterActor is this class under ray.remote."""
 
     def __init__(
         self, out_dir: str, x: str = "compute", min_interval_s: float = 5.0, n_boot: int = 200
     ):
-        if x not in X_COLUMNS:
-            raise ValueError(f"x must be one of {sorted(X_COLUMNS)}, got {x!r}")
+        self.column = x_column(x)
         self.out_dir, self.x = Path(out_dir), x
         self.min_interval_s, self.n_boot = min_interval_s, n_boot
         self.parts_dir = self.out_dir / "rows"
@@ -68,7 +103,7 @@ class Fitter:
         self._fit_lock = threading.Lock()  # one refit at a time
         self._rows, self._seq = self._load()
         self._doc: dict | None = None
-        self._laws: dict[str, MainFit] = {}
+        self._laws: dict[LawKey, MainFit] = {}
         self._fitted_rows = 0
         self._last_fit = 0.0
         self._dirty = threading.Event()
@@ -105,11 +140,9 @@ class Fitter:
     def add_rows(self, rows: list[dict]) -> int:
         """Persist a batch of metric rows, then acknowledge with the number of rows held."""
         batch = pd.DataFrame(rows)
-        missing = [c for c in REQUIRED if c not in batch.columns]
-        if missing:
-            raise ValueError(f"add_rows: rows lack column(s) {missing} (DESIGN.md metric rows)")
         if batch.empty:
             return len(self._rows)
+        check_columns(batch, "add_rows")
         with self._lock:
             self._seq += 1
             _write_parquet(batch, self.parts_dir / f"part-{self._seq:08d}.parquet")
@@ -137,20 +170,20 @@ class Fitter:
         with self._fit_lock:
             with self._lock:
                 rows = self._rows.copy()
-            doc, laws = {"status": "empty", "warnings": [], "laws": {}}, {}
+            doc, laws = {"status": "empty", "families": {}}, {}
             if len(rows):
                 try:
                     doc = fit_table(rows, self.x, n_boot=self.n_boot, source=str(self.parts_dir))[0]
-                    laws = {axis: MainFit.from_dict(d) for axis, d in doc["laws"].items()}
+                    laws = laws_of(doc)
                 except (MetricsError, FitError) as e:
-                    doc = {"status": "error", "error": str(e), "warnings": [], "laws": {}}
+                    doc = {"status": "error", "error": str(e), "families": {}}
                 write_json(doc, self.out_dir / "fit.json")
             with self._lock:
                 self._doc, self._laws, self._fitted_rows = doc, laws, len(rows)
             self._last_fit = time.monotonic()
         return self.summary()
 
-    def _current(self) -> tuple[dict, dict[str, MainFit]]:
+    def _current(self) -> tuple[dict, dict[LawKey, MainFit]]:
         if self._doc is None:
             self.refit()
         with self._lock:
@@ -162,83 +195,81 @@ class Fitter:
         with self._lock:
             n_rows = len(self._rows)
             n_runs = int(self._rows["run_id"].nunique()) if n_rows else 0
-        laws = {
-            a: {k: v for k, v in law.items() if k != "draws"}
-            for a, law in doc.get("laws", {}).items()
-        }
         return {
-            **doc,
-            "laws": laws,
+            **without_draws(doc),
             "n_rows": n_rows,
             "n_runs": n_runs,
             "fitted_rows": self._fitted_rows,
             "stale": self._fitted_rows != n_rows,
         }
 
-    def predict(self, N: float, X: float) -> dict:
-        """The law's L at (N, X) on the actor's axis, with its bootstrap interval."""
+    def predict(self, N: float, X: float, family: str) -> dict:
+        """The family's law's L at (N, X) on the actor's axis, with its bootstrap interval."""
         _, laws = self._current()
-        if self.x not in laws:
-            return {"N": N, "X": X, "error": f"no {self.x}-axis law fitted yet"}
+        key = LawKey(self.x, family)
+        if key not in laws:
+            return {"N": N, "X": X, "error": f"no {self.x}-axis law fitted for {family!r} yet"}
         try:
-            return laws[self.x].predict(N, X)
+            return laws[key].predict(N, X)
         except FitError as e:
             return {"N": N, "X": X, "error": str(e)}
 
     def planner(
-        self, compute_budget: float | None = None, data_budget: float | None = None
+        self, family: str, compute_budget: float | None = None, data_budget: float | None = None
     ) -> dict:
-        """Eq. 5 / eq. 7 answers for the budgets given, and eq. 9 when runs differ in reuse factor."""
-        doc, laws = self._current()
+        """Eq. 5 / eq. 7 answers for the family and budgets given, and eq. 9 when its runs
+        differ in reuse factor."""
+        _, laws = self._current()
         out: dict = {}
         for axis, budget in (("compute", compute_budget), ("data", data_budget)):
             if budget is not None:
+                key = LawKey(axis, family)
                 out[axis] = (
-                    best_size(laws[axis], budget)
-                    if axis in laws
-                    else {"error": f"no {axis}-axis law"}
+                    best_size(laws[key], budget)
+                    if key in laws
+                    else {"error": f"no {axis}-axis law for {family!r}"}
                 )
         with self._lock:
-            rows = self._rows.copy()
-        if "reuse_factor" in rows.columns and rows["reuse_factor"].nunique() > 1:
+            rows = self._rows[self._rows["family"].astype(str) == family]
+        if rows["reuse_factor"].nunique() > 1:
             out["reuse"] = reuse_study(rows)
         return out
 
-    def predict_final(self, run_id: str, x_end: float) -> dict | None:
-        """A run's test loss at X = x_end from its points so far (intra-model), leaning on the
-        cross-run k(N) fit as a prior; the interval is for the evaluation at x_end. "mean" and
-        "test_loss" are the same number. None while no prediction is possible (the run has no
-        usable rows yet, or too few and no cross-run law), as the trial scheduler expects."""
-        _, laws = self._current()
-        column = X_COLUMNS[self.x]
-        with self._lock:
-            run = self._rows[self._rows["run_id"].astype(str) == str(run_id)]
-        if run.empty or column not in run.columns:
-            return None
+    def _forecast(self, run: pd.DataFrame, laws: dict[LawKey, MainFit]) -> Forecast | None:
+        """A run's forecast from its rows so far (intra-model), leaning on its family's
+        cross-run k(N) fit as a prior. None while no prediction is possible (no usable rows
+        yet, or too few and no cross-run law)."""
         run = run[pd.to_numeric(run["test_loss"], errors="coerce").between(0, 1, inclusive="right")]
-        run = run[pd.to_numeric(run[column], errors="coerce") > 0].sort_values("step")
+        run = run[pd.to_numeric(run[self.column], errors="coerce") > 0].sort_values("step")
         if run.empty:
             return None
         N = float(run["n_params"].iloc[0])
+        law = laws.get(LawKey(self.x, str(run["family"].iloc[0])))
         try:
-            rf = fit_run(
-                run[column].to_numpy(float), run["test_loss"].to_numpy(float), laws.get(self.x), N
-            )
+            rf = fit_run(run[self.column].to_numpy(float), run["test_loss"].to_numpy(float), law, N)
         except FitError:
             return None
-        L, lo, hi = (float(v) for v in rf.predict(x_end))
-        return {
-            "run_id": run_id,
-            "x_end": float(x_end),
-            "n_points": len(run),
-            "N": N,
-            "mean": L,
-            "test_loss": L,
-            "lo": lo,
-            "hi": hi,
-            "k": rf.k,
-            "k_source": rf.source,
-        }
+        return Forecast(str(run["run_id"].iloc[0]), N, len(run), rf)
+
+    def predict_final(self, run_id: str, x_end: float) -> dict | None:
+        """A run's test loss at X = x_end (Forecast.at), None while it has no forecast."""
+        _, laws = self._current()
+        with self._lock:
+            run = self._rows[self._rows["run_id"].astype(str) == str(run_id)]
+        forecast = self._forecast(run, laws)
+        return forecast.at(x_end) if forecast else None
+
+    def snapshot(self) -> dict[str, Forecast]:
+        """Every run's forecast, by run id (runs without one are left out)."""
+        _, laws = self._current()
+        with self._lock:
+            rows = self._rows.copy()
+        out = {}
+        for run_id, run in rows.groupby(rows["run_id"].astype(str)):
+            forecast = self._forecast(run, laws)
+            if forecast is not None:
+                out[run_id] = forecast
+        return out
 
     def rows(self) -> list[dict]:
         """Every row held, as dicts (NaN where a batch lacked a column)."""
@@ -251,16 +282,43 @@ class Fitter:
 FitterActor = ray.remote(max_restarts=-1, max_task_retries=-1, num_cpus=0)(Fitter)
 
 
-def get_or_create_fitter(name: str, out_dir: str, x: str = "compute") -> ray.actor.ActorHandle:
-    """The detached fitter called `name` in namespace "rayrl"; created on first use (an existing
-    one keeps its own out_dir and x).
+def fitter_name(study_dir: str | Path) -> str:
+    """The actor name of a study's fitter: from its resolved directory, never study.name
+    alone, so studies that share a name on one cluster keep their own rows."""
+    resolved = str(Path(study_dir).resolve())
+    return f"fitter-{Path(resolved).name}-{hashlib.sha256(resolved.encode()).hexdigest()[:12]}"
 
-    "DEFAULT" scheduling keeps the fitter out of the caller's placement group: created from a
-    Tune trial it would otherwise die with that trial's group and never restart."""
+
+def start_fitter(study_dir: str | Path, x: str = "compute") -> ray.actor.ActorHandle:
+    """A fresh fitter for the study at study_dir, reloading its rows from study_dir/fitter.
+
+    A leftover one (a driver that crashed before stop_fitter) is replaced, so a resumed
+    study runs today's code and settings. "DEFAULT" scheduling keeps the fitter out of the
+    caller's placement group. Detached: the study's trials run in other workers and must
+    find it; stop_fitter ends it."""
+    name = fitter_name(study_dir)
+    stop_fitter(study_dir)
     return FitterActor.options(
-        name=name,
-        namespace=NAMESPACE,
-        lifetime="detached",
-        get_if_exists=True,
-        scheduling_strategy="DEFAULT",
-    ).remote(str(out_dir), x)
+        name=name, namespace=NAMESPACE, lifetime="detached", scheduling_strategy="DEFAULT"
+    ).remote(str(Path(study_dir).resolve() / "fitter"), x)
+
+
+def get_fitter(study_dir: str | Path) -> ray.actor.ActorHandle:
+    """The running fitter of the study at study_dir (raises ValueError when there is none)."""
+    return ray.get_actor(fitter_name(study_dir), namespace=NAMESPACE)
+
+
+def stop_fitter(study_dir: str | Path) -> bool:
+    """End the study's fitter for good; False when none was running."""
+    try:
+        ray.kill(get_fitter(study_dir), no_restart=True)
+    except ValueError:
+        return False
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # the name is free once the actor is gone
+        try:
+            get_fitter(study_dir)
+        except ValueError:
+            return True
+        time.sleep(0.1)
+    raise TimeoutError(f"fitter {fitter_name(study_dir)} still alive 60 s after ray.kill")

@@ -8,11 +8,15 @@ at the same compute: even its optimistic case loses to another run's pessimistic
 Rivals are the runs of the same sweep: a reuse or rollout-n sweep compares one model's
 settings, so a bigger model winning the size sweep must not stop them. A run in several
 sweeps (the shared tau = 1 baseline) is stopped only when it loses in every one of them.
+
+The scheduler never waits on the fitter: it judges from the latest snapshot of every run's
+forecast (FitterActor.snapshot) that has arrived, and asks for the next one without
+waiting, so a slow or restarting fitter delays decisions but never Tune's event loop.
+Only evaluation results (metrics.KIND == EVAL) are judged; a trial's step results pass.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import time
@@ -21,6 +25,8 @@ from typing import Any
 
 import ray
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
+
+from rayrl.metrics import EVAL, KIND, SWEEPS, TOTAL_STEPS, projected_end, x_column
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +62,7 @@ def decide(
     `predict(run_id, x)` returns {"mean", "lo", "hi"} or None; `rivals` maps other
     runs to their own projected final x (a rival cannot do better than its last step).
     """
-    x_end = x_now * total_steps / max(step, 1)  # compute grows linearly in steps
+    x_end = projected_end(x_now, step, total_steps)
     d = Decision(run_id, step, "continue", "", x_now, x_end, observed)
     if step / total_steps < grace_fraction:
         d.reason = f"within grace ({step}/{total_steps} < {grace_fraction:.0%})"
@@ -92,43 +98,59 @@ def decide(
 
 
 class ScalingLawScheduler(FIFOScheduler):
-    """FIFO scheduling plus law-based early stopping; `enabled=False` only logs."""
+    """FIFO scheduling plus law-based early stopping; `enabled=False` only logs.
+
+    `fitter` is the study's FitterActor handle (or anything with snapshot.remote())."""
 
     def __init__(
         self,
-        fitter_name: str,
+        fitter: Any,
         grace_fraction: float = 0.25,
         enabled: bool = True,
         x: str = "compute",
         log_path: str | None = None,
-        namespace: str = "rayrl",
     ) -> None:
         super().__init__()
-        self.fitter_name, self.namespace = fitter_name, namespace
+        self.fitter = fitter
         self.grace_fraction, self.enabled, self.log_path = grace_fraction, enabled, log_path
-        self.x_col = "compute_flops" if x == "compute" else "data_samples"
+        self.x_col = x_column(x)
         self.ends: dict[str, float] = {}  # run_id -> projected final x
         self.sweeps: dict[str, set[str]] = {}  # run_id -> the sweeps it belongs to
         self.stopped: set[str] = set()
+        self.forecasts: dict[str, Any] = {}  # run_id -> fitter.Forecast, the latest snapshot
+        self._pending: ray.ObjectRef | None = None
+
+    def __getstate__(self) -> dict:
+        # Tune pickles the scheduler with the experiment; a request in flight stays behind.
+        return {**self.__dict__, "_pending": None}
+
+    def _refresh(self) -> None:
+        """Take the fitter's snapshot if it has arrived, and ask for the next; never waits."""
+        if self._pending is not None:
+            ready, _ = ray.wait([self._pending], timeout=0)
+            if not ready:
+                return
+            try:
+                self.forecasts = ray.get(self._pending)  # ready: returns at once
+            except Exception as e:  # noqa: BLE001 - a failed fitter call never fails the study
+                log.warning("scheduler: fitter snapshot failed (%s); keeping the last one", e)
+            self._pending = None
+        self._pending = self.fitter.snapshot.remote()
 
     def _predict(self, run_id: str, x_end: float) -> dict | None:
-        try:
-            fitter = ray.get_actor(self.fitter_name, namespace=self.namespace)
-            return ray.get(fitter.predict_final.remote(run_id, x_end), timeout=30)
-        except Exception as e:  # noqa: BLE001 - a missing fitter never fails the study
-            log.warning("scheduler: no prediction for %s (%s)", run_id, e)
-            return None
+        forecast = self.forecasts.get(run_id)
+        return forecast.at(x_end) if forecast is not None else None
 
     def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
-        if "run_id" not in result or "total_steps" not in result:
+        if result.get(KIND, EVAL) != EVAL or "run_id" not in result or TOTAL_STEPS not in result:
             return TrialScheduler.CONTINUE
-        run_id, step, total = result["run_id"], int(result["step"]), int(result["total_steps"])
+        self._refresh()
+        run_id, step, total = result["run_id"], int(result["step"]), int(result[TOTAL_STEPS])
         x_now = float(result[self.x_col])
         if step > 0:
-            self.ends[run_id] = x_now * total / step
+            self.ends[run_id] = projected_end(x_now, step, total)
         # Results without sweep names (a plain Tune trainable) form one sweep together.
-        mine = self.sweeps.setdefault(run_id, set(str(result.get("sweeps", "")).split(",")))
-        predict = functools.cache(self._predict)  # one fitter call per run, however many sweeps
+        mine = self.sweeps.setdefault(run_id, set(str(result.get(SWEEPS, "")).split(",")))
         decisions = [
             decide(
                 run_id,
@@ -137,7 +159,7 @@ class ScalingLawScheduler(FIFOScheduler):
                 x_now,
                 float(result["test_loss"]),
                 self.grace_fraction,
-                predict,
+                self._predict,
                 {
                     r: e
                     for r, e in self.ends.items()

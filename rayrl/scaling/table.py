@@ -3,29 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-X_COLUMNS = {"compute": "compute_flops", "data": "data_samples"}
-REQUIRED = ("run_id", "n_params", "step", "test_loss")
+from rayrl.metrics import MetricsError, x_column
 
-
-class MetricsError(ValueError):
-    """Metric rows that cannot be fitted: names the file, the column and what was expected."""
-
-
-def load_metrics(path: str | Path) -> pd.DataFrame:
-    """Read METRICS.parquet or METRICS.csv."""
-    path = Path(path)
-    if not path.is_file():
-        raise MetricsError(f"{path}: no such metrics file")
-    if path.suffix == ".parquet":
-        return pd.read_parquet(path)
-    if path.suffix == ".csv":
-        return pd.read_csv(path)
-    raise MetricsError(f"{path}: expected a .parquet or .csv metrics file")
+FIT_COLUMNS = ("run_id", "n_params", "step", "test_loss")  # what a fit reads, besides X
 
 
 @dataclass
@@ -67,10 +51,11 @@ def to_points(
     source: str = "metrics",
 ) -> Points:
     """Validate rows and keep those a log-log fit can use; every dropped row is counted and named."""
-    if x not in X_COLUMNS:
-        raise MetricsError(f"{source}: x must be one of {sorted(X_COLUMNS)}, got {x!r}")
-    x_col = X_COLUMNS[x]
-    missing = [c for c in (*REQUIRED, x_col) if c not in df.columns]
+    try:
+        x_col = x_column(x)
+    except MetricsError as e:
+        raise MetricsError(f"{source}: {e}") from None
+    missing = [c for c in (*FIT_COLUMNS, x_col) if c not in df.columns]
     if missing:
         raise MetricsError(f"{source}: missing column(s) {missing}; have {list(df.columns)}")
     warnings: list[str] = []

@@ -1,0 +1,189 @@
+"""study.trackers through Ray Tune's logger callbacks, read back with the trackers' own
+libraries: TensorBoard event files, the MLflow file store, W&B offline runs. And the
+study's Tuner on resume: today's scheduler, concurrency limit and trackers, not the saved."""
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+from ray import tune
+
+from rayrl.config import load_config
+from rayrl.metrics import EVAL, STEP
+from rayrl.scaling.fitter import start_fitter, stop_fitter
+from rayrl.scaling.scheduler import ScalingLawScheduler
+from rayrl.study import make_tuner, trial_result
+from rayrl.trackers import mlflow_uri, tracker_callbacks, wandb_mode
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 4
+
+
+def fake_trial(params, marker, fail_first):
+    """Reports as rayrl.study.run_trial does: a step result per step, an eval row every 2."""
+    t = params["trial"]
+    run_id = f"{t['model']}-{t['family']}-n{t['rollout_n']}"
+    common = {"run_id": run_id, "total_steps": STEPS, "sweeps": ",".join(t["sweeps"])}
+    marker = Path(marker)
+    if fail_first and not (marker / run_id).exists():
+        (marker / run_id).touch()
+        raise RuntimeError("first attempt fails, so the study can be resumed")
+    with open(marker / "spans.jsonl", "a") as f:
+        f.write(json.dumps({"run_id": run_id, "start": time.time()}) + "\n")
+    for step in range(1, STEPS + 1):
+        tune.report(trial_result(STEP, {"step": step, "reward_mean": 0.1 * step}, common))
+        if step % 2 == 0:
+            row = {"step": step, "test_loss": 1.0 / step, "compute_flops": 1e9 * step}
+            tune.report(trial_result(EVAL, row, common, n_params=100))
+        time.sleep(0.5)
+    with open(marker / "spans.jsonl", "a") as f:
+        f.write(json.dumps({"run_id": run_id, "end": time.time()}) + "\n")
+
+
+def study_cfg(tmp_path, **overrides):
+    return load_config(
+        ROOT / "configs" / "smoke.yaml",
+        {"study.name": "trk", "output_dir": str(tmp_path), **overrides},
+    )
+
+
+def run(cfg, study_dir, marker, fail_first=False, enabled=True):
+    fitter = start_fitter(study_dir)
+    try:
+        sched = ScalingLawScheduler(
+            fitter, enabled=enabled, log_path=str(study_dir / f"sched-{enabled}.jsonl")
+        )
+        trainable = tune.with_resources(tune.with_parameters(fake_trial), {"cpu": 0.1})
+        tuner = make_tuner(cfg, study_dir, trainable, sched, tracker_callbacks(cfg, study_dir))
+        # the marker and failure switch ride in the param space only on a fresh Tuner
+        if not tuner._local_tuner._is_restored:
+            tuner._local_tuner._param_space = {
+                **tuner._local_tuner._param_space,
+                "marker": str(marker),
+                "fail_first": fail_first,
+            }
+        return tuner.fit()
+    finally:
+        stop_fitter(study_dir)
+
+
+@pytest.fixture(scope="module")
+def tracked(ray_session, tmp_path_factory, monkeypatch_module):
+    tmp = tmp_path_factory.mktemp("trk")
+    monkeypatch_module.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch_module.setenv("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    cfg = study_cfg(tmp, **{"study.trackers": ["tensorboard", "mlflow", "wandb"]})
+    marker = tmp / "marker"
+    marker.mkdir()
+    results = run(cfg, tmp, marker)
+    assert not results.errors, results.errors
+    return cfg, tmp
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    mp = pytest.MonkeyPatch()
+    yield mp
+    mp.undo()
+
+
+def test_tensorboard_event_files_hold_step_and_eval_rows(tracked):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg, study_dir = tracked
+    events = sorted((study_dir / "tune" / "trk").glob("*/events.out.tfevents.*"))
+    assert len(events) == len(cfg.trials())
+    for path in events:
+        acc = EventAccumulator(str(path.parent))
+        acc.Reload()
+        tags = acc.Tags()["scalars"]
+        reward = [(e.step, e.value) for e in acc.Scalars("ray/tune/reward_mean")]
+        assert [s for s, _ in reward] == list(range(1, STEPS + 1))  # x-axis: optimizer step
+        loss = [(e.step, e.value) for e in acc.Scalars("ray/tune/test_loss")]
+        assert loss == [(2, pytest.approx(0.5)), (4, pytest.approx(0.25))]
+        assert "ray/tune/compute_flops" in tags
+        # the trial's config as hyperparameters (TensorBoard's HParams plugin)
+        assert "_hparams_/experiment" in acc.summary_metadata
+
+
+def test_mlflow_file_store_holds_every_trial_with_its_config(tracked):
+    from mlflow.tracking import MlflowClient
+
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3's file-store opt-in
+
+    cfg, study_dir = tracked
+    assert mlflow_uri(cfg, study_dir) == (study_dir / "mlflow").resolve().as_uri()
+    client = MlflowClient(tracking_uri=mlflow_uri(cfg, study_dir))
+    exp = client.get_experiment_by_name("trk")
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == len(cfg.trials())
+    seen = set()
+    for r in runs:
+        params = r.data.params
+        seen.add((params["trial/model"], params["trial/family"], params["trial/rollout_n"]))
+        history = client.get_metric_history(r.info.run_id, "reward_mean")
+        assert sorted(m.step for m in history) == list(range(1, STEPS + 1))
+        assert sorted(m.step for m in client.get_metric_history(r.info.run_id, "test_loss")) == [
+            2,
+            4,
+        ]
+    assert seen == {(t["model"], t["family"], str(t["rollout_n"])) for t in cfg.trials()}
+
+
+def test_wandb_runs_offline_without_an_api_key(tracked):
+    import yaml
+
+    cfg, study_dir = tracked
+    assert wandb_mode() == "offline"
+    offline = sorted((study_dir / "tune" / "trk").glob("*/wandb/offline-run-*"))
+    assert len(offline) == len(cfg.trials())
+    for run_dir in offline:
+        assert list(run_dir.glob("*.wandb")), run_dir
+        config = yaml.safe_load((run_dir / "files" / "config.yaml").read_text())
+        assert config["trial"]["value"]["model"].startswith("smoke-")
+
+
+def test_a_tracker_left_out_is_off_and_mlflow_takes_a_tracking_uri(ray_session, tmp_path):
+    cfg = study_cfg(
+        tmp_path,
+        **{
+            "study.trackers": ["mlflow"],
+            "study.mlflow_tracking_uri": (tmp_path / "elsewhere").as_uri(),
+        },
+    )
+    marker = tmp_path / "marker"
+    marker.mkdir()
+    assert [type(c).__name__ for c in tracker_callbacks(cfg, tmp_path)] == [
+        "CSVLoggerCallback",
+        "JsonLoggerCallback",
+        "MLflowLoggerCallback",
+    ]
+    assert not run(cfg, tmp_path, marker).errors
+    assert not list((tmp_path / "tune").rglob("events.out.tfevents.*"))  # TensorBoard off
+    assert not (tmp_path / "mlflow").exists() and (tmp_path / "elsewhere").is_dir()
+    default = study_cfg(tmp_path)
+    assert default.study.trackers == ["tensorboard"]
+    assert [type(c).__name__ for c in tracker_callbacks(default, tmp_path)][
+        -1
+    ] == "TBXLoggerCallback"
+
+
+def test_resume_takes_todays_scheduler_and_concurrency_limit(ray_session, tmp_path):
+    marker = tmp_path / "marker"
+    marker.mkdir()
+    first = run(study_cfg(tmp_path, **{"study.max_concurrent": 1}), tmp_path, marker, True)
+    assert len(first.errors) == 6  # every trial failed once: the study is left to resume
+    assert not (tmp_path / "sched-False.jsonl").exists()
+    again = run(study_cfg(tmp_path, **{"study.max_concurrent": 3}), tmp_path, marker, enabled=False)
+    assert not again.errors
+    # today's scheduler (enabled=False, its own log) judged the resumed trials
+    assert (tmp_path / "sched-False.jsonl").read_text().count('"action"') >= 6
+    spans = [json.loads(x) for x in (marker / "spans.jsonl").read_text().splitlines()]
+    events = sorted((s.get("start", s.get("end")), 1 if "start" in s else -1) for s in spans)
+    running, most = 0, 0
+    for _, delta in events:
+        running += delta
+        most = max(most, running)
+    assert 2 <= most <= 3, most  # the saved limit was 1
