@@ -44,6 +44,9 @@ OPTIONAL: dict[str, type] = {
 BENCHMARK = re.compile(r"test_loss_(?!se$)(\w+?)(_se)?")  # test_loss_<name>[_se]
 TIMING = re.compile(r"time_\w+")
 
+# The held-out set's name among a run's evaluation sets: its loss is the row's test_loss.
+HELD_OUT = "held_out"
+
 # Resource axes of the law: X is training compute C or data D.
 AXES: dict[str, str] = {"compute": "compute_flops", "data": "data_samples"}
 
@@ -52,7 +55,8 @@ KIND = "kind"  # EVAL for a metric row (evaluation point), STEP for an optimizer
 EVAL, STEP = "eval", "step"
 TOTAL_STEPS = "total_steps"  # the run's last step
 SWEEPS = "sweeps"  # the study sweeps the run belongs to, comma-joined
-PREDICTED_FINAL = "predicted_final"  # the fitter's latest prediction of the final test loss
+PREDICTED_FINAL = "predicted_final"  # the fitter's prediction of the final test loss
+FORECAST = "forecast"  # FORECAST/<field>: the run's forecast (fitter.Forecast.to_result)
 # Tune's loggers (trackers) plot against this key when it is set: the optimizer step. A
 # step-0 evaluation has none (Tune's loggers skip a 0), so it shows at training iteration 1.
 TRACKER_STEP = "timesteps_total"
@@ -77,8 +81,9 @@ def x_column(axis: str) -> str:
 
 
 def benchmark_column(name: str) -> str:
-    """The loss column of evaluation set `name`; its SE is this + "_se"."""
-    return f"test_loss_{name}"
+    """The loss column of evaluation set `name`; its SE is this + "_se". The held-out set's
+    is the row's test_loss."""
+    return "test_loss" if name == HELD_OUT else f"test_loss_{name}"
 
 
 def projected_end(x_now: float, step: int, total_steps: int) -> float:

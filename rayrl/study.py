@@ -72,10 +72,11 @@ def run_trial(params: dict[str, Any], cfg: Config, study_dir: str) -> None:
     """The Tune trainable: one GRPO run, resumed from its own checkpoint when one exists.
 
     Every optimizer step and every evaluation row goes to `tune.report` (so to the trackers
-    and the scheduler); evaluation rows also go to the study's fitter, without waiting: the
-    run's metrics.parquet already holds them, and run_study catches the fitter up from those
-    files. The live table's predicted final loss is the latest answer that has arrived."""
-    from rayrl.scaling.fitter import get_fitter
+    and the scheduler). An evaluation row goes to the study's fitter first, and is reported
+    with the run's forecast that the fitter sends back (send_row): the scheduler judges the
+    row by it, fresh, without calling the fitter itself, and the live table shows the
+    predicted final loss."""
+    from rayrl.scaling.fitter import get_fitter, send_row
 
     t = params["trial"]
     spec = RunSpec(t["model"], t["rollout_n"], t["reuse_factor"], t["seed"], family=t["family"])
@@ -83,20 +84,14 @@ def run_trial(params: dict[str, Any], cfg: Config, study_dir: str) -> None:
     total_steps = cfg.grpo.data_budget // cfg.grpo.prompts_per_step
     x_col = x_column(cfg.study.x)
     common = {"run_id": spec.run_id, TOTAL_STEPS: total_steps, SWEEPS: ",".join(t["sweeps"])}
-    asked: list[ray.ObjectRef] = []  # the fitter's answer to the last row, while in flight
-    predicted = {"mean": float("nan")}
 
     def on_row(row: dict[str, Any]) -> None:
-        if asked and ray.wait(asked, timeout=0)[0]:
-            try:
-                predicted["mean"] = (ray.get(asked.pop()) or {}).get("mean", float("nan"))
-            except Exception as e:  # noqa: BLE001 - a prediction is a nicety for the live table
-                log.warning("fitter unavailable (%s); row kept in the run's metrics.parquet", e)
-        fitter.add_rows.remote([row])
-        if not asked:  # calls from one caller run in order: this one sees the row
+        forecast = send_row(fitter, row)
+        extra = {PREDICTED_FINAL: float("nan")}
+        if forecast is not None:
             x_end = projected_end(row[x_col], row["step"], total_steps)
-            asked.append(fitter.predict_final.remote(spec.run_id, x_end))
-        tune.report(trial_result(EVAL, row, common, **{PREDICTED_FINAL: predicted["mean"]}))
+            extra = {PREDICTED_FINAL: forecast.at(x_end)["mean"], **forecast.to_result()}
+        tune.report(trial_result(EVAL, row, common, **extra))
 
     def on_step(stats: dict[str, Any]) -> None:
         tune.report(trial_result(STEP, stats, common))

@@ -2,7 +2,7 @@
 
 study.trackers picks among TensorBoard (TBXLoggerCallback, event files in each trial's
 directory), MLflow (MLflowLoggerCallback: the local file store STUDY_DIR/mlflow unless
-study.mlflow_tracking_uri names a server) and W&B (WandbLoggerCallback: offline runs in each
+study.mlflow_tracking_uri names a server or another store) and W&B (WandbLoggerCallback: offline runs in each
 trial's directory unless WANDB_API_KEY is set). Each gets every result a trial reports,
 step rows and evaluation rows alike, with the trial's config as its parameters; the x-axis
 is the optimizer step (metrics.TRACKER_STEP).
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from urllib.parse import urlparse
 
 from ray.tune import Callback
 
@@ -45,15 +46,12 @@ def tracker_callbacks(cfg: Config, study_dir: Path) -> list[Callback]:
         elif tracker == "mlflow":
             from ray.air.integrations.mlflow import MLflowLoggerCallback
 
-            if not cfg.study.mlflow_tracking_uri:
+            uri = mlflow_uri(cfg, study_dir)
+            if urlparse(uri).scheme in ("", "file"):
                 # MLflow 3 keeps its file store behind this opt-in (a database needs SQLAlchemy,
                 # which mlflow-skinny lacks); the callback writes from this, the driver, process.
                 os.environ.setdefault(FILE_STORE_OPT_IN, "true")
-            callbacks.append(
-                MLflowLoggerCallback(
-                    tracking_uri=mlflow_uri(cfg, study_dir), experiment_name=cfg.study.name
-                )
-            )
+            callbacks.append(MLflowLoggerCallback(tracking_uri=uri, experiment_name=cfg.study.name))
         elif tracker == "wandb":
             from ray.air.integrations.wandb import WANDB_MODE_ENV_VAR, WandbLoggerCallback
 

@@ -24,7 +24,7 @@ from rayrl.data import load_task, render_prompt, reuse_schedule
 from rayrl.learner.batch import TrainItem
 from rayrl.learner.group import LearnerGroup
 from rayrl.learner.grpo import group_advantages
-from rayrl.metrics import MetricsLog, append_jsonl
+from rayrl.metrics import HELD_OUT, MetricsLog, append_jsonl, benchmark_column
 from rayrl.models.flops import forward_flops, train_flops
 from rayrl.rollout.sync import SyncStats
 
@@ -53,15 +53,6 @@ class EvalResult:
     @property
     def test_loss(self) -> float:
         return 1.0 - self.pass_at_1  # L = 1 - pass@1
-
-
-# The held-out set's name among a run's evaluation sets: its loss is the row's test_loss.
-HELD_OUT = "held_out"
-
-
-def test_loss_column(name: str) -> str:
-    """The metrics column of one evaluation set's loss; its SE is the column + `_se`."""
-    return "test_loss" if name == HELD_OUT else f"test_loss_{name}"
 
 
 @dataclass
@@ -321,8 +312,8 @@ class Run:
             "rollout_n": spec.rollout_n,
             "reuse_factor": spec.reuse_factor,
             "seed": spec.seed,
-            **{test_loss_column(name): e.test_loss for name, e in ev.items()},
-            **{test_loss_column(name) + "_se": e.se for name, e in ev.items()},
+            **{benchmark_column(name): e.test_loss for name, e in ev.items()},
+            **{benchmark_column(name) + "_se": e.se for name, e in ev.items()},
             "compute_flops_all": state["compute_all"],
             **{k: out[k] for k in ("reward_mean", "response_len", "flat_groups") if k in out},
         }

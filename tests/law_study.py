@@ -4,6 +4,7 @@
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -16,15 +17,33 @@ from rayrl.scaling.scheduler import ScalingLawScheduler
 # Curves of a known law: log L = -k(N) log C + E(N); bigger models win at equal compute.
 SIZES = {"small": 0.5e9, "mid": 3e9, "big": 14e9}
 STEPS = 20  # test_scheduler.STEPS mirrors this
+STEP_S = 0.25  # a step's wall time: trials overlap as a study's do, whose steps take seconds
+
+
+def start_together(study: Path, name: str, timeout_s: float = 120.0) -> None:
+    """Wait until every size's trial has started, so they run side by side from step 1.
+
+    Tune starts trials one after another; with steps of milliseconds the first would be
+    judged (and done) before its rivals reported anything. The blocking scheduler hid
+    this by holding every trial at each report while it called the fitter."""
+    started = study / "started"
+    started.mkdir(parents=True, exist_ok=True)
+    (started / name).touch()
+    deadline = time.monotonic() + timeout_s
+    while len(list(started.iterdir())) < len(SIZES):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"only {sorted(p.name for p in started.iterdir())} started")
+        time.sleep(0.05)
 
 
 def law_trainable(config):
     from ray import tune
 
-    from rayrl.scaling.fitter import get_fitter
+    from rayrl.scaling.fitter import get_fitter, send_row
 
     name, N = config["model"], SIZES[config["model"]]
     fitter = get_fitter(config["study"])
+    start_together(Path(config["study"]), name)
     rng = np.random.default_rng(int(N) % 1000)
     k = k_of_N(N, 0.15, 10e9)
     E = {"small": -0.05, "mid": -0.25, "big": -0.55}[name] + k * np.log(1e18)
@@ -46,10 +65,9 @@ def law_trainable(config):
             "test_loss": L,
             "test_loss_se": 0.003,
         }
-        import ray
-
-        ray.get(fitter.add_rows.remote([row]), timeout=120)
-        tune.report({**row, TOTAL_STEPS: STEPS})
+        forecast = send_row(fitter, row, timeout_s=120)  # as rayrl.study.run_trial does
+        tune.report({**row, TOTAL_STEPS: STEPS, **(forecast.to_result() if forecast else {})})
+        time.sleep(STEP_S)
 
 
 def run_law_study(tmp_path: Path, enabled: bool):

@@ -20,6 +20,14 @@ def test_group_normalised_advantages():
     assert flat == 0
 
 
+def test_adv_eps_damps_groups_of_small_spread():
+    r = torch.tensor([1.0, 0.0])  # unbiased std sqrt(1/2)
+    adv, _ = group_advantages(r, n=2, eps=0.0)
+    damped, _ = group_advantages(r, n=2, eps=1.0)
+    assert adv[0].item() == pytest.approx(0.5 / math.sqrt(0.5))
+    assert damped[0].item() == pytest.approx(0.5 / (math.sqrt(0.5) + 1.0))
+
+
 def test_all_equal_groups_are_counted_and_have_zero_advantage():
     adv, flat = group_advantages(torch.tensor([1.0, 1.0, 0.0, 0.0, 1.0, 0.0]), n=2)
     assert flat == 2

@@ -4,6 +4,7 @@ import pytest
 
 from rayrl.metrics import (
     AXES,
+    HELD_OUT,
     REQUIRED,
     LawKey,
     MetricsError,
@@ -44,6 +45,7 @@ def test_the_contract_holds_design_md_columns_with_types():
     assert list(REQUIRED) == design
     assert column_type("n_params") is int and column_type("test_loss") is float
     assert column_type(benchmark_column("gsm8k")) is float
+    assert benchmark_column(HELD_OUT) == "test_loss"  # the held-out set's loss is the law's
     assert column_type(benchmark_column("gsm8k") + "_se") is float
     assert column_type("time_gen") is float and column_type("whatever") is None
     assert AXES == {"compute": "compute_flops", "data": "data_samples"}

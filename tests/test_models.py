@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rayrl.config import Config, ConfigError, DataConfig, LadderConfig, ModelSpec, load_config
 from rayrl.data.synthetic import held_out
+from rayrl.models.build import pretrain_lr
 from rayrl.models.flops import count_params, forward_flops, train_flops
 from rayrl.models.ladder import (
     build_ladder,
@@ -23,7 +24,7 @@ from rayrl.models.ladder import (
     pretrain_steps,
 )
 from rayrl.models.pretrain import corpus_batch, lr_at
-from rayrl.models.qwen import init_model
+from rayrl.models.qwen import init_model, qwen2_config
 from rayrl.models.tokenizer import build_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -174,7 +175,28 @@ def test_pretraining_budget_is_tokens_per_parameter_with_a_floor():
 def test_smoke_ladder_starts_with_signal_and_headroom(monkeypatch):
     """configs/smoke.yaml's ladder (what CI's GRPO runs start from): pass@1 above 0.02 and
     below 0.95, so that GRPO groups are neither all wrong nor all right."""
-    entries = build_ladder(load_config(ROOT / "configs" / "smoke.yaml"), progress=False)
-    assert len(entries) == 2
+    cfg = load_config(ROOT / "configs" / "smoke.yaml")
+    entries = build_ladder(cfg, progress=False)
+    assert len(entries) == len(cfg.ladder.models) == 4  # 2 sizes x base and instruct
     for e in entries:
         assert 0.02 < e.pass_at_1 < 0.95, e
+
+
+def test_width_depth_and_pretraining_knobs_reach_the_model_and_its_budget():
+    tok = build_tokenizer()
+    spec = ModelSpec(name="m", hidden=64, layers=2, heads=2, kv_heads=1)
+    assert qwen2_config(spec, tok).intermediate_size == 4 * 64  # 0 means 4 x hidden
+    spec.intermediate = 96
+    assert qwen2_config(spec, tok).intermediate_size == 96
+    cfg = tiny_config(Path("unused"))
+    cfg.ladder.pretrain_lr, cfg.ladder.pretrain_lr_width = 3e-3, 32
+    assert pretrain_lr(cfg, spec) == pytest.approx(3e-3 * 32 / 64)  # 1/width (muP)
+    cfg.ladder.pretrain_lr_width = 64
+    assert pretrain_lr(cfg, spec) == pytest.approx(3e-3)
+    # more of the corpus at the hardest level: longer sequences, fewer steps for the same tokens
+    cfg.ladder.pretrain_tokens_per_param, cfg.ladder.pretrain_min_steps = 100.0, 1
+    steps = {}
+    for share in (0.0, 1.0):
+        cfg.ladder.pretrain_hardest_share = share
+        steps[share] = pretrain_steps(cfg, 1_000_000)
+    assert steps[1.0] < steps[0.0]

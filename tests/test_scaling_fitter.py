@@ -10,6 +10,7 @@ from rayrl.scaling import fitter as fitter_module
 from rayrl.scaling.fitter import (
     NAMESPACE,
     Fitter,
+    Forecast,
     fitter_name,
     get_fitter,
     start_fitter,
@@ -58,12 +59,12 @@ def test_rows_are_persisted_before_ack_and_survive_a_kill(ray_session, tmp_path,
         before = ray.get(actor.refit.remote())
         assert before["status"] == "ok" and not before["stale"] and before["n_runs"] == 21
         run_id = rows[-1]["run_id"]
-        final = ray.get(actor.predict_final.remote(run_id, 1e21))
+        final = ray.get(actor.forecast.remote(run_id)).at(1e21)
 
         ray.kill(actor, no_restart=False)
         again = get_fitter(tmp_path)
         assert len(ray.get(again.rows.remote())) == len(rows)
-        assert ray.get(again.predict_final.remote(run_id, 1e21)) == final
+        assert ray.get(again.forecast.remote(run_id)).at(1e21) == final
         law = ray.get(again.summary.remote())["families"][FAMILY]["laws"]["compute"]
         assert law["k_max"] == pytest.approx(before["families"][FAMILY]["laws"]["compute"]["k_max"])
         pred = ray.get(again.predict.remote(72e9, 1e21, FAMILY))
@@ -81,14 +82,15 @@ def test_refits_in_the_background_and_answers_the_scheduler(ray_session, tmp_pat
     actor = start_fitter(tmp_path)
     try:
         assert ray.get(actor.summary.remote())["status"] == "empty"
-        assert ray.get(actor.predict_final.remote("nobody", 1e20)) is None
+        assert ray.get(actor.forecast.remote("nobody")) is None
         ray.get(actor.add_rows.remote(rows))
         assert wait_for(lambda: not ray.get(actor.summary.remote())["stale"])
         assert ray.get(actor.summary.remote())["fitted_rows"] == len(rows)
         first = rows[0]["run_id"]
         early = [r for r in rows if r["run_id"] == first][:2]
         ray.get(actor.add_rows.remote([{**r, "run_id": "newcomer"} for r in early]))
-        pred = ray.get(actor.predict_final.remote("newcomer", 1e19))
+        forecast = ray.get(actor.forecast.remote("newcomer"))
+        pred = forecast.at(1e19)
         assert (
             pred["k_source"] == "prior"
             and pred["lo"] < pred["mean"] == pred["test_loss"] < pred["hi"]
@@ -96,6 +98,9 @@ def test_refits_in_the_background_and_answers_the_scheduler(ray_session, tmp_pat
         snap = ray.get(actor.snapshot.remote())
         assert set(snap) == {r["run_id"] for r in rows} | {"newcomer"}
         assert snap["newcomer"].at(1e19) == pred  # the scheduler's local answer is the fitter's
+        # a trial reports its forecast as result keys; the scheduler reads back the same one
+        assert Forecast.from_result("newcomer", forecast.to_result()).at(1e19) == pred
+        assert Forecast.from_result("newcomer", {"test_loss": 0.5}) is None
         with pytest.raises(ray.exceptions.RayTaskError, match="missing column"):
             ray.get(actor.add_rows.remote([{"run_id": "x", "step": 1}]))
     finally:

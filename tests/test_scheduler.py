@@ -1,6 +1,7 @@
 """ScalingLawScheduler: the rule alone, then a real Tune run on curves from a known law."""
 
 import json
+import math
 import subprocess
 import sys
 import time
@@ -11,6 +12,8 @@ import ray
 from ray.tune.schedulers import TrialScheduler
 
 from rayrl.metrics import KIND, STEP
+from rayrl.scaling.fitter import Forecast
+from rayrl.scaling.protocols import RunFit
 from rayrl.scaling.scheduler import ScalingLawScheduler, decide
 
 STEPS = 20  # law_study.STEPS: each trial reports 20 steps
@@ -137,6 +140,9 @@ class SlowFitter:
 
 def test_no_callback_waits_on_a_slow_fitter(ray_session):
     fitter = SlowFitter.remote(3.0)
+    # The actor is up before the clock starts: its start (a worker process, seconds on a
+    # loaded machine) would otherwise eat the margin of the sleep below.
+    assert ray.get(fitter.n_calls.remote()) == 0
     sched = ScalingLawScheduler(fitter, grace_fraction=0.25)
 
     def report(run_id, step, **extra):
@@ -160,3 +166,34 @@ def test_no_callback_waits_on_a_slow_fitter(ray_session):
     assert max(seconds) < 0.5, seconds  # a blocking call would take the fitter's 3 s
     # one request in flight at a time, however many results arrive meanwhile
     assert ray.get(fitter.n_calls.remote()) <= 3
+
+
+def test_a_result_carrying_its_forecast_is_judged_by_it_at_once(ray_session):
+    """The trial waited for its forecast (fitter.send_row): no snapshot is needed, and the
+    decision at this very result is the one a blocking query would have made."""
+    fitter = SlowFitter.remote(60.0)  # its snapshot never arrives during the test
+    sched = ScalingLawScheduler(fitter, grace_fraction=0.25)
+
+    def forecast(run_id, mean):
+        fit = RunFit(
+            k=0.0,
+            k_var=0.0,
+            E=math.log(mean),
+            xbar=0.0,
+            n=6,
+            s=0.0,
+            s_L=0.01,
+            infl=1.0,
+            source="run",
+        )
+        return Forecast(run_id, 1e9, 6, fit).to_result()
+
+    def report(run_id, step, mean):
+        result = {"run_id": run_id, "step": step, "total_steps": 20, "test_loss": mean}
+        return sched.on_trial_result(
+            None, None, {**result, "compute_flops": step, **forecast(run_id, mean)}
+        )
+
+    assert report("winner", 6, 0.2) == TrialScheduler.CONTINUE  # no rival yet
+    assert report("loser", 6, 0.8) == TrialScheduler.STOP
+    assert sched.forecasts["loser"].at(20.0)["mean"] == pytest.approx(0.8)

@@ -4,6 +4,7 @@ study's Tuner on resume: today's scheduler, concurrency limit and trackers, not 
 
 import json
 import os
+import struct
 import time
 from pathlib import Path
 
@@ -55,16 +56,11 @@ def run(cfg, study_dir, marker, fail_first=False, enabled=True):
         sched = ScalingLawScheduler(
             fitter, enabled=enabled, log_path=str(study_dir / f"sched-{enabled}.jsonl")
         )
-        trainable = tune.with_resources(tune.with_parameters(fake_trial), {"cpu": 0.1})
-        tuner = make_tuner(cfg, study_dir, trainable, sched, tracker_callbacks(cfg, study_dir))
-        # the marker and failure switch ride in the param space only on a fresh Tuner
-        if not tuner._local_tuner._is_restored:
-            tuner._local_tuner._param_space = {
-                **tuner._local_tuner._param_space,
-                "marker": str(marker),
-                "fail_first": fail_first,
-            }
-        return tuner.fit()
+        trainable = tune.with_resources(
+            tune.with_parameters(fake_trial, marker=str(marker), fail_first=fail_first),
+            {"cpu": 0.1},
+        )
+        return make_tuner(cfg, study_dir, trainable, sched, tracker_callbacks(cfg, study_dir)).fit()
     finally:
         stop_fitter(study_dir)
 
@@ -132,20 +128,61 @@ def test_mlflow_file_store_holds_every_trial_with_its_config(tracked):
     assert seen == {(t["model"], t["family"], str(t["rollout_n"])) for t in cfg.trials()}
 
 
-def test_wandb_runs_offline_without_an_api_key(tracked):
-    import yaml
+def wandb_records(path: Path):
+    """The records of a W&B run's transaction log (RUN.wandb), as wandb's own protobuf
+    Records. W&B 0.31 writes no files/config.yaml for an offline run and ships no reader:
+    the log is LevelDB's log format (32 KiB blocks, records behind a 7-byte header
+    <crc32, length, type>, split over blocks as FIRST, MIDDLE..., LAST) after a 7-byte
+    file header."""
+    from wandb.proto.wandb_internal_pb2 import Record
 
+    block, data = 32768, path.read_bytes()
+    assert data[:4] == b":W&B", path
+    pos, chunk = 7, b""
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # too little room for a header: the block is padded
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        chunk += data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # FULL or LAST: a whole record
+            record = Record()
+            record.ParseFromString(chunk)
+            yield record
+            chunk = b""
+
+
+def test_wandb_runs_offline_without_an_api_key(tracked):
     cfg, study_dir = tracked
     assert wandb_mode() == "offline"
     offline = sorted((study_dir / "tune" / "trk").glob("*/wandb/offline-run-*"))
     assert len(offline) == len(cfg.trials())
+    seen = set()
     for run_dir in offline:
-        assert list(run_dir.glob("*.wandb")), run_dir
-        config = yaml.safe_load((run_dir / "files" / "config.yaml").read_text())
-        assert config["trial"]["value"]["model"].startswith("smoke-")
+        (log,) = run_dir.glob("*.wandb")
+        config, history = {}, []
+        for record in wandb_records(log):
+            kind = record.WhichOneof("record_type")
+            if kind == "config":
+                config.update({i.key: json.loads(i.value_json) for i in record.config.update})
+            elif kind == "history":
+                history.append({i.key: json.loads(i.value_json) for i in record.history.item})
+        t = config["trial"]  # the trial's config as the run's config
+        seen.add((t["model"], t["family"], t["rollout_n"]))
+        assert [h["step"] for h in history if "reward_mean" in h] == list(range(1, STEPS + 1))
+        assert [(h["step"], h["test_loss"]) for h in history if "test_loss" in h] == [
+            (2, pytest.approx(0.5)),
+            (4, pytest.approx(0.25)),
+        ]
+    assert seen == {(t["model"], t["family"], t["rollout_n"]) for t in cfg.trials()}
 
 
-def test_a_tracker_left_out_is_off_and_mlflow_takes_a_tracking_uri(ray_session, tmp_path):
+def test_a_tracker_left_out_is_off_and_mlflow_takes_a_tracking_uri(
+    ray_session, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # as run_study sets it
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)  # a file URI opts in too
     cfg = study_cfg(
         tmp_path,
         **{

@@ -15,8 +15,9 @@ A background thread refits when rows arrive, at most once per min_interval_s, an
 out_dir/fit.json in the format of `rayrl fit` (so `rayrl plan` reads it). Queries serve the
 latest fit; the very first query after a (re)start fits at once if no fit exists yet.
 Fits, predictions and planner answers are per (axis, family): rows of two families never
-share a law. snapshot() hands the scheduler every run's forecast in one call, so it can
-judge any run at any X without asking again.
+share a law. forecast() answers a trial about its own run (send_row), and snapshot() hands
+the scheduler every run's forecast in one call, so it can judge any run at any X without
+asking again.
 """
 
 from __future__ import annotations
@@ -27,14 +28,15 @@ import os
 import re
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import ray
 
-from rayrl.metrics import REQUIRED, LawKey, MetricsError, check_columns, x_column
+from rayrl.metrics import FORECAST, REQUIRED, LawKey, MetricsError, check_columns, x_column
 from rayrl.scaling.commands import fit_table, laws_of, without_draws, write_json
 from rayrl.scaling.fit import FitError, MainFit
 from rayrl.scaling.planner import best_size, reuse_study
@@ -45,6 +47,7 @@ log = logging.getLogger(__name__)
 NAMESPACE = "rayrl"
 KEY = ["run_id", "step"]
 COMPACT_AFTER = 64  # part files before they are merged into one
+ROW_TIMEOUT_S = 60.0  # how long a trial waits for its forecast before reporting without one
 PART = re.compile(r"(part|compact)-(\d+)\.parquet")
 
 
@@ -86,6 +89,21 @@ class Forecast:
             "k": self.fit.k,
             "k_source": self.fit.source,
         }
+
+    def to_result(self) -> dict[str, Any]:
+        """The forecast as flat result keys (FORECAST/<field>), for a trial's `tune.report`."""
+        return {f"{FORECAST}/{k}": v for k, v in {"N": self.N, **asdict(self.fit)}.items()}
+
+    @classmethod
+    def from_result(cls, run_id: str, result: dict[str, Any]) -> Forecast | None:
+        """The forecast a result carries (to_result), None when it carries none."""
+        prefix = f"{FORECAST}/"
+        fields = {k[len(prefix) :]: v for k, v in result.items() if k.startswith(prefix)}
+        if not fields:
+            return None
+        N = float(fields.pop("N"))
+        fit = RunFit(**fields)
+        return cls(run_id, N, fit.n, fit)
 
 
 class Fitter:
@@ -251,13 +269,12 @@ class Fitter:
             return None
         return Forecast(str(run["run_id"].iloc[0]), N, len(run), rf)
 
-    def predict_final(self, run_id: str, x_end: float) -> dict | None:
-        """A run's test loss at X = x_end (Forecast.at), None while it has no forecast."""
+    def forecast(self, run_id: str) -> Forecast | None:
+        """A run's forecast from every row it has sent, None while it has none."""
         _, laws = self._current()
         with self._lock:
             run = self._rows[self._rows["run_id"].astype(str) == str(run_id)]
-        forecast = self._forecast(run, laws)
-        return forecast.at(x_end) if forecast else None
+        return self._forecast(run, laws)
 
     def snapshot(self) -> dict[str, Forecast]:
         """Every run's forecast, by run id (runs without one are left out)."""
@@ -280,6 +297,22 @@ class Fitter:
 # max_task_retries: calls in flight when the actor dies run again after the restart; add_rows
 # is idempotent by (run_id, step). num_cpus=0: the fitter never holds a CPU a trial needs.
 FitterActor = ray.remote(max_restarts=-1, max_task_retries=-1, num_cpus=0)(Fitter)
+
+
+def send_row(
+    fitter: ray.actor.ActorHandle, row: dict[str, Any], timeout_s: float = ROW_TIMEOUT_S
+) -> Forecast | None:
+    """Hand a trial's metric row to the study's fitter and wait for the run's forecast on
+    every row so far (the trial reports it with the row: see ScalingLawScheduler). Calls
+    from one caller run in order, so the forecast sees the row. A trial may wait here; a
+    Tune callback never does. None when the fitter does not answer in time: the row stays in
+    the run's metrics.parquet, and the study catches the fitter up from there."""
+    fitter.add_rows.remote([row])
+    try:
+        return ray.get(fitter.forecast.remote(str(row["run_id"])), timeout=timeout_s)
+    except ray.exceptions.RayError as e:
+        log.warning("fitter: no forecast for %s (%s); reporting without one", row["run_id"], e)
+        return None
 
 
 def fitter_name(study_dir: str | Path) -> str:

@@ -9,9 +9,18 @@ Rivals are the runs of the same sweep: a reuse or rollout-n sweep compares one m
 settings, so a bigger model winning the size sweep must not stop them. A run in several
 sweeps (the shared tau = 1 baseline) is stopped only when it loses in every one of them.
 
-The scheduler never waits on the fitter: it judges from the latest snapshot of every run's
-forecast (FitterActor.snapshot) that has arrived, and asks for the next one without
-waiting, so a slow or restarting fitter delays decisions but never Tune's event loop.
+The scheduler never waits on the fitter. It judges from the freshest forecast it holds
+for every run (fitter.Forecast), from two sources:
+- the result itself: a trial hands its row to the fitter and waits for its run's forecast
+  (fitter.send_row) before it reports, so the result carries a forecast on every row up
+  to its own (metrics.FORECAST keys), and each rival's latest result carries one up to
+  the rival's latest row. The trial waits, Tune's event loop does not, and each decision
+  is the one a blocking query at that result would have made.
+- the fitter's snapshot (FitterActor.snapshot), asked for without waiting, one request in
+  flight, taken when it has arrived: for runs that report no more (finished before a
+  resume), or results that carry no forecast (the fitter did not answer the trial in
+  time). A snapshot entry replaces a held forecast only when it is fitted on more rows.
+A slow or restarting fitter slows trials or delays decisions, never Tune's event loop.
 Only evaluation results (metrics.KIND == EVAL) are judged; a trial's step results pass.
 """
 
@@ -27,6 +36,7 @@ import ray
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
 from rayrl.metrics import EVAL, KIND, SWEEPS, TOTAL_STEPS, projected_end, x_column
+from rayrl.scaling.fitter import Forecast
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +127,7 @@ class ScalingLawScheduler(FIFOScheduler):
         self.ends: dict[str, float] = {}  # run_id -> projected final x
         self.sweeps: dict[str, set[str]] = {}  # run_id -> the sweeps it belongs to
         self.stopped: set[str] = set()
-        self.forecasts: dict[str, Any] = {}  # run_id -> fitter.Forecast, the latest snapshot
+        self.forecasts: dict[str, Forecast] = {}  # run_id -> the freshest forecast held
         self._pending: ray.ObjectRef | None = None
 
     def __getstate__(self) -> dict:
@@ -131,9 +141,14 @@ class ScalingLawScheduler(FIFOScheduler):
             if not ready:
                 return
             try:
-                self.forecasts = ray.get(self._pending)  # ready: returns at once
+                snapshot = ray.get(self._pending)  # ready: returns at once
             except Exception as e:  # noqa: BLE001 - a failed fitter call never fails the study
                 log.warning("scheduler: fitter snapshot failed (%s); keeping the last one", e)
+                snapshot = {}
+            for run_id, forecast in snapshot.items():
+                held = self.forecasts.get(run_id)
+                if held is None or forecast.n_points > held.n_points:
+                    self.forecasts[run_id] = forecast
             self._pending = None
         self._pending = self.fitter.snapshot.remote()
 
@@ -146,6 +161,9 @@ class ScalingLawScheduler(FIFOScheduler):
             return TrialScheduler.CONTINUE
         self._refresh()
         run_id, step, total = result["run_id"], int(result["step"]), int(result[TOTAL_STEPS])
+        reported = Forecast.from_result(run_id, result)
+        if reported is not None:  # fitted on every row up to this one: the freshest there is
+            self.forecasts[run_id] = reported
         x_now = float(result[self.x_col])
         if step > 0:
             self.ends[run_id] = projected_end(x_now, step, total)
