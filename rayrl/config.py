@@ -87,6 +87,9 @@ class DataConfig:
     # eval_paths file; every evaluation scores them all next to the held-out test set.
     eval_size: int = 200
     max_digits: int = 3  # synthetic difficulty knob
+    # synthetic prompts: "compact" ("Q:a+b=?A:", the tiny ladder's) or "math" ("What is a
+    # plus b?" in the paper's math template, for pretrained chat models)
+    prompt_style: Literal["compact", "math"] = "compact"
     seed: int = 0
 
 

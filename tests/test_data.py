@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from transformers import PreTrainedTokenizerFast
 
-from rayrl.config import Config, DataConfig
+from rayrl.config import Config, DataConfig, load_config
 from rayrl.data import (
     DataError,
     apply_template,
@@ -28,6 +28,8 @@ from rayrl.data import (
 from rayrl.data.loading import validate_rows
 from rayrl.data.rows import problem
 from rayrl.models.tokenizer import build_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
 
 BUDGET = 51_200  # D_total of the paper's reuse experiments
 SAMPLED = re.compile(r"math__sampled_1_(\d+)_(\d+)\.parquet")
@@ -344,3 +346,30 @@ def test_load_task_guru(guru_dir: Path):
     task = load_task(cfg)
     assert (len(task.train), len(task.test), len(task.evals["aime2024"])) == (512, 500, 30)
     assert non_increasing([pass_rate(r) for r in task.train])
+
+
+def test_math_prompt_style_asks_in_words_inside_the_papers_template():
+    compact = synthetic_task(20, 5, 1, seed=0, eval_size=2)
+    math = synthetic_task(20, 5, 1, seed=0, eval_size=2, style="math")
+    for a, b in zip(compact[1], math[1]):
+        q = a["prompt"][0]["content"]  # "Q:3+4=?A:"
+        x, y = q.removeprefix("Q:").removesuffix("=?A:").split("+")
+        assert math_prompt(b) == apply_template("math", f"What is {x} plus {y}?")
+        assert a["reward_model"] == b["reward_model"]
+    assert "minus" in math_prompt(math[2]["sub"][0])
+
+
+def math_prompt(row):
+    return row["prompt"][0]["content"]
+
+
+def test_eval_paths_add_a_seeded_subset_of_each_file_to_any_task(guru_dir):
+    gsm8k = str(guru_dir / "online_eval" / "gsm8k.parquet")
+    overrides = {"data.eval_paths": [gsm8k], "data.eval_size": 5}
+    task = load_task(load_config(ROOT / "configs" / "smoke.yaml", overrides))
+    assert set(task.evals) == {"add_uneven", "sub", "add_long", "gsm8k"}
+    assert len(task.evals["gsm8k"]) == 5 and len(task.evals["sub"]) == 5
+    again = load_task(load_config(ROOT / "configs" / "smoke.yaml", overrides))
+    assert again.evals["gsm8k"] == task.evals["gsm8k"]
+    other = load_task(load_config(ROOT / "configs" / "smoke.yaml", {**overrides, "data.seed": 1}))
+    assert other.evals["gsm8k"] != task.evals["gsm8k"]

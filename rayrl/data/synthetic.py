@@ -11,6 +11,8 @@ import logging
 import random
 from collections.abc import Callable
 
+from rayrl.data.templates import apply_template
+
 log = logging.getLogger(__name__)
 
 SOURCE = "synthetic_arith"  # rayrl.rewards dispatches on the "synthetic" prefix
@@ -18,7 +20,14 @@ SOURCE = "synthetic_arith"  # rayrl.rewards dispatches on the "synthetic" prefix
 Operands = tuple[int, ...]
 
 
-def prompt_text(operands: Operands, op: str = "+") -> str:
+OP_WORDS = {"+": "plus", "-": "minus"}
+
+
+def prompt_text(operands: Operands, op: str = "+", style: str = "compact") -> str:
+    """compact: "Q:a+b=?A:", the tiny ladder's form; math: "What is a plus b?" inside the
+    paper's math template, for pretrained chat models."""
+    if style == "math":
+        return apply_template("math", f"What is {f' {OP_WORDS[op]} '.join(map(str, operands))}?")
     return "Q:" + op.join(map(str, operands)) + "=?A:"
 
 
@@ -51,10 +60,17 @@ def pass_rate_proxy(operands: Operands) -> float:
     return round(0.5 ** (level(operands) - 1) * 0.8 ** carries(a, b), 6)
 
 
-def make_row(operands: Operands, op: str, index: int, split: str, source: str = SOURCE) -> dict:
+def make_row(
+    operands: Operands,
+    op: str,
+    index: int,
+    split: str,
+    source: str = SOURCE,
+    style: str = "compact",
+) -> dict:
     return {
         "data_source": source,
-        "prompt": [{"role": "user", "content": prompt_text(operands, op)}],
+        "prompt": [{"role": "user", "content": prompt_text(operands, op, style)}],
         "ability": "math",
         "reward_model": {"style": "rule", "ground_truth": str(answer(operands, op))},
         "extra_info": {
@@ -163,7 +179,9 @@ def subtraction_pair(rng: random.Random, max_digits: int) -> Operands:
     return (max(a, b), min(a, b))
 
 
-def evals(size: int, max_digits: int, seed: int, exclude: set[Operands]) -> dict[str, list[dict]]:
+def evals(
+    size: int, max_digits: int, seed: int, exclude: set[Operands], style: str = "compact"
+) -> dict[str, list[dict]]:
     """In-domain and out-of-domain evaluation sets, as guru rows.
 
     add_uneven: addition with operands of different lengths (in-domain, different mix);
@@ -175,25 +193,33 @@ def evals(size: int, max_digits: int, seed: int, exclude: set[Operands]) -> dict
     sub = sample_unique(rng, size, lambda r: subtraction_pair(r, max_digits), set())
     long_ = sample_unique(rng, size, lambda r: draw_pair(r, max_digits + 1), set())
     return {
-        "add_uneven": to_rows(uneven, "+", "eval", f"{SOURCE}_add_uneven"),
-        "sub": to_rows(sub, "-", "eval", f"{SOURCE}_sub"),
-        "add_long": to_rows(long_, "+", "eval", f"{SOURCE}_add_long"),
+        "add_uneven": to_rows(uneven, "+", "eval", f"{SOURCE}_add_uneven", style),
+        "sub": to_rows(sub, "-", "eval", f"{SOURCE}_sub", style),
+        "add_long": to_rows(long_, "+", "eval", f"{SOURCE}_add_long", style),
     }
 
 
-def to_rows(problems: list[Operands], op: str, split: str, source: str = SOURCE) -> list[dict]:
+def to_rows(
+    problems: list[Operands], op: str, split: str, source: str = SOURCE, style: str = "compact"
+) -> list[dict]:
     """Guru rows for `problems`, indexed in order."""
-    return [make_row(p, op, i, split, source) for i, p in enumerate(problems)]
+    return [make_row(p, op, i, split, source, style) for i, p in enumerate(problems)]
 
 
 def synthetic_task(
-    train_size: int, test_size: int, max_digits: int, seed: int, eval_size: int = 200
+    train_size: int,
+    test_size: int,
+    max_digits: int,
+    seed: int,
+    eval_size: int = 200,
+    style: str = "compact",
 ) -> tuple[list[dict], list[dict], dict[str, list[dict]]]:
-    """(train, test, evals) as guru rows; test is disjoint from train and evals."""
+    """(train, test, evals) as guru rows with prompts of `style` (see prompt_text); test is
+    disjoint from train and evals."""
     test = held_out(test_size, max_digits, seed)
     train = training(train_size, max_digits, seed, exclude=set(test))
     return (
-        to_rows(train, "+", "train"),
-        to_rows(test, "+", "test"),
-        evals(eval_size, max_digits, seed, set(test)),
+        to_rows(train, "+", "train", style=style),
+        to_rows(test, "+", "test", style=style),
+        evals(eval_size, max_digits, seed, set(test), style),
     )

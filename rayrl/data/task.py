@@ -25,12 +25,14 @@ def load_task(cfg: Config) -> Task:
     d = cfg.data
     if d.source == "synthetic":
         train, test, evals = synthetic_task(
-            d.train_size, d.test_size, d.max_digits, d.seed, d.eval_size
+            d.train_size, d.test_size, d.max_digits, d.seed, d.eval_size, d.prompt_style
         )
-        return Task(curriculum_order(train), curriculum_order(test), evals)
-    train = load_rows(d.train_path, split="train")
-    test = load_rows(d.test_path, split="test")
-    task = Task(curriculum_order(train.rows), test.rows, malformed=train.malformed + test.malformed)
+        task = Task(curriculum_order(train), curriculum_order(test), evals)
+    else:
+        train = load_rows(d.train_path, split="train")
+        test = load_rows(d.test_path, split="test")
+        task = Task(curriculum_order(train.rows), test.rows)
+        task.malformed = train.malformed + test.malformed
     for path in d.eval_paths:
         loaded = load_rows(path, split="test")
         name = Path(path).stem
