@@ -8,6 +8,7 @@ placement group needs no CUDA, so the dry run checks the real bundles on the rea
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -29,6 +30,7 @@ from rayrl.models.memory import (
     learner_gib,
     rollout_gib,
 )
+from rayrl.study import trial_resources
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -304,3 +306,31 @@ def test_dry_run_rejects_an_oversized_trial(gpu_cluster):
 
 if __name__ == "__main__":
     serve_cluster(json.loads(sys.argv[1]))
+
+
+def test_pool_sizes_shape_each_trials_placement_group():
+    cfg = load_config(CONFIGS / "smoke.yaml")
+    base = trial_resources(cfg, "smoke-1", "base").bundles
+    # driver, rollout engine, learner, reward worker (Tune drops the zero GPU counts)
+    assert base == [{"CPU": 0.1}] + [{"CPU": 0.5}] * 3
+    cfg = load_config(
+        CONFIGS / "smoke.yaml",
+        {
+            "resources.rollout_workers": 2,
+            "resources.learners": 3,
+            "resources.reward_workers": 4,
+            "resources.cpus_per_actor": 1.0,
+        },
+    )
+    bundles = trial_resources(cfg, "smoke-1", "base").bundles
+    assert bundles == [{"CPU": 0.1}] + [{"CPU": 1.0}] * 5 + [{"CPU": 0.5}] * 4
+
+
+def test_vllm_dtype_sets_the_engines_weight_bytes():
+    cfg = load_config(CONFIGS / "qwen2.5-base.yaml")
+    arch = architecture(cfg, "qwen2.5-7b", "qwen2.5-base")
+    r = cfg.resources_for("qwen2.5-7b", "qwen2.5-base")
+    bf16 = rollout_gib(arch, r)["weights"]
+    fp32 = rollout_gib(arch, dataclasses.replace(r, vllm_dtype="float32"))["weights"]
+    assert fp32 == pytest.approx(2 * bf16)
+    assert bf16 == pytest.approx(2 * arch.params() / r.tensor_parallel / GIB)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -18,6 +19,7 @@ from rayrl.models.build import pretrain_lr
 from rayrl.models.flops import count_params, forward_flops, train_flops
 from rayrl.models.ladder import (
     build_ladder,
+    cache_key,
     format_table,
     mean_sequence_tokens,
     model_path,
@@ -200,3 +202,13 @@ def test_width_depth_and_pretraining_knobs_reach_the_model_and_its_budget():
         cfg.ladder.pretrain_hardest_share = share
         steps[share] = pretrain_steps(cfg, 1_000_000)
     assert steps[1.0] < steps[0.0]
+
+
+def test_instruct_steps_make_a_separate_ladder_build():
+    cfg = load_config(ROOT / "configs" / "smoke.yaml")
+    base, instruct = (m for m in cfg.ladder.models if m.name == "smoke-1")
+    assert (base.family, instruct.family) == ("base", "instruct") and instruct.instruct_steps
+    assert cache_key(cfg, base) != cache_key(cfg, instruct)
+    assert cache_key(cfg, dataclasses.replace(instruct, instruct_steps=0, family="base")) == (
+        cache_key(cfg, base)
+    )

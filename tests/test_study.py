@@ -26,6 +26,8 @@ from rayrl.study import run_study
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "configs" / "smoke.yaml"
 pytestmark = [pytest.mark.e2e, pytest.mark.vllm]
+# The job-submit test's study: one trial (that test is about the submission path).
+ONE_TRIAL = {"study.family": ["base"], "study.sweeps": [{"name": "one", "models": ["smoke-1"]}]}
 
 
 def wait_for(predicate, timeout=300.0, every=0.5):
@@ -248,6 +250,7 @@ def test_smoke_study_through_ray_job_submit_on_a_local_head(tmp_path):
             "--out",
             str(out),
             "--no-scheduler",
+            *(arg for k, v in ONE_TRIAL.items() for arg in ("--set", f"{k}={json.dumps(v)}")),
         ]
         for _ in range(60):  # the job agent comes up a while after the dashboard answers
             job = ray_job("submit", *submit)
@@ -268,7 +271,7 @@ def test_smoke_study_through_ray_job_submit_on_a_local_head(tmp_path):
         assert final == "succeeded", f"job {final}; its log ends:\n{logs[-4000:]}"
         assert (out / "report.md").exists()
         df = pd.read_parquet(out / "metrics.parquet")
-        assert df["run_id"].nunique() == len(load_config(SMOKE).trials())
+        assert df["run_id"].nunique() == len(load_config(SMOKE, ONE_TRIAL).trials()) == 1
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
