@@ -87,9 +87,10 @@ class DataConfig:
     # eval_paths file; every evaluation scores them all next to the held-out test set.
     eval_size: int = 200
     max_digits: int = 3  # synthetic difficulty knob
-    # synthetic prompts: "compact" ("Q:a+b=?A:", the tiny ladder's) or "math" ("What is a
-    # plus b?" in the paper's math template, for pretrained chat models)
-    prompt_style: Literal["compact", "math"] = "compact"
+    # synthetic prompts: "compact" ("Q:a+b=?A:", the tiny ladder's), "math" ("What is a plus
+    # b?" in the paper's math template) or "calc" ("Calculate a + b. Give the final answer as
+    # \boxed{number}.", for small chat models); see rayrl.data.synthetic.prompt_text
+    prompt_style: Literal["compact", "math", "calc"] = "compact"
     seed: int = 0
 
 

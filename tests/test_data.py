@@ -348,7 +348,7 @@ def test_load_task_guru(guru_dir: Path):
     assert non_increasing([pass_rate(r) for r in task.train])
 
 
-def test_math_prompt_style_asks_in_words_inside_the_papers_template():
+def test_prompt_styles_ask_the_same_problems_in_their_own_words():
     compact = synthetic_task(20, 5, 1, seed=0, eval_size=2)
     math = synthetic_task(20, 5, 1, seed=0, eval_size=2, style="math")
     for a, b in zip(compact[1], math[1]):
@@ -357,6 +357,12 @@ def test_math_prompt_style_asks_in_words_inside_the_papers_template():
         assert math_prompt(b) == apply_template("math", f"What is {x} plus {y}?")
         assert a["reward_model"] == b["reward_model"]
     assert "minus" in math_prompt(math[2]["sub"][0])
+    calc = synthetic_task(20, 5, 1, seed=0, eval_size=2, style="calc")
+    for a, c in zip(compact[1], calc[1]):
+        x, y = math_prompt(a).removeprefix("Q:").removesuffix("=?A:").split("+")
+        assert math_prompt(c) == f"Calculate {x} + {y}. Give the final answer as \\boxed{{number}}."
+        assert a["reward_model"] == c["reward_model"]
+    assert " - " in math_prompt(calc[2]["sub"][0])
 
 
 def math_prompt(row):

@@ -25,9 +25,13 @@ OP_WORDS = {"+": "plus", "-": "minus"}
 
 def prompt_text(operands: Operands, op: str = "+", style: str = "compact") -> str:
     """compact: "Q:a+b=?A:", the tiny ladder's form; math: "What is a plus b?" inside the
-    paper's math template, for pretrained chat models."""
+    paper's math template; calc: a one-line instruction that asks for the boxed number, for
+    small chat models that ramble past the template's box (SmolLM2-135M)."""
     if style == "math":
         return apply_template("math", f"What is {f' {OP_WORDS[op]} '.join(map(str, operands))}?")
+    if style == "calc":
+        expr = f" {op} ".join(map(str, operands))
+        return f"Calculate {expr}. Give the final answer as \\boxed{{number}}."
     return "Q:" + op.join(map(str, operands)) + "=?A:"
 
 
