@@ -79,7 +79,7 @@ def reward_items(
 def encode_prompts(rows: list[dict], tokenizer: Any, max_tokens: int) -> list[list[int]]:
     """Token ids of each row's rendered prompt; one longer than max_tokens is an error (veRL's
     default), never a silent truncation of the question."""
-    prompts = [tokenizer(render_prompt(r, tokenizer)).input_ids for r in rows]
+    prompts = tokenizer([render_prompt(r, tokenizer) for r in rows]).input_ids
     for r, p in zip(rows, prompts):
         if len(p) > max_tokens:
             raise ValueError(
@@ -145,6 +145,7 @@ class Run:
             for name, rows in {HELD_OUT: task.test, **task.evals}.items()
         }
         self.schedule = reuse_schedule(task.train, g.data_budget, spec.reuse_factor, spec.seed)
+        self.train_prompts = encode_prompts(self.schedule, self.tokenizer, g.max_prompt_tokens)
         self.steps = g.data_budget // g.prompts_per_step
         self.metrics = MetricsLog(run_dir / "metrics.parquet")
         self.rollout = RolloutPool(
@@ -172,8 +173,8 @@ class Run:
     def step(self, step: int) -> dict[str, Any]:
         g, spec, tok = self.cfg.grpo, self.spec, self.tokenizer
         t: dict[str, float] = {}
-        rows = self.schedule[step * g.prompts_per_step : (step + 1) * g.prompts_per_step]
-        prompts = encode_prompts(rows, tok, g.max_prompt_tokens)
+        batch_slice = slice(step * g.prompts_per_step, (step + 1) * g.prompts_per_step)
+        rows, prompts = self.schedule[batch_slice], self.train_prompts[batch_slice]
 
         t0 = time.perf_counter()
         groups = self.rollout.generate(

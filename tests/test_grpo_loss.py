@@ -6,7 +6,13 @@ import pytest
 import torch
 
 from rayrl.config import GRPOConfig
-from rayrl.learner.grpo import group_advantages, grpo_loss, loss_denominator, token_logprobs
+from rayrl.learner.grpo import (
+    group_advantages,
+    grpo_loss,
+    loss_denominator,
+    merge_stats,
+    token_logprobs,
+)
 
 NO_KL = GRPOConfig(kl_coef=0.0)
 
@@ -178,3 +184,9 @@ def test_token_logprobs_uses_temperature():
     assert token_logprobs(logits, t, temperature=2.0).item() == pytest.approx(
         -math.log1p(math.exp(-1.0))
     )
+
+
+def test_merge_stats_sums_counts_and_keeps_maxima():
+    parts = [{"tokens": 3.0, "ratio_max": 1.5}, {"tokens": 2.0, "ratio_max": 1.2, "kl": 0.5}]
+    assert merge_stats(parts) == {"tokens": 5.0, "ratio_max": 1.5, "kl": 0.5}
+    assert merge_stats([]) == {}

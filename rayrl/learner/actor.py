@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections import defaultdict
 from collections.abc import Iterator
 from itertools import groupby
 from pathlib import Path
@@ -19,7 +18,7 @@ import torch
 
 from rayrl.config import GRPOConfig, ResourcesConfig
 from rayrl.learner.batch import Padded, TrainItem, collate, split_even
-from rayrl.learner.grpo import grpo_loss, token_logprobs
+from rayrl.learner.grpo import grpo_loss, merge_stats, token_logprobs
 
 
 def grad_accumulation_steps(grpo: GRPOConfig, rollout_n: int, world_size: int) -> int:
@@ -127,7 +126,7 @@ class Learner:
         """
         t0 = time.perf_counter()
         g = self.grpo
-        sums: dict[str, float] = defaultdict(float)
+        parts: list[dict[str, float]] = []  # per micro-batch, merged at the end
         self.engine.train()
         # pi_old and pi_ref: once per rollout batch, before the first update.
         batches = []
@@ -140,11 +139,14 @@ class Learner:
                     chunks.append((b, old, self._logprobs(self.ref, b, temperature)))
                     # The behaviour policy (vLLM's sampler) against the learner's pi_old.
                     diff = (old - b.rollout_logp).abs()[b.rollout_logp.isfinite()]
-                    sums["logp_diff"] += float(diff.sum())
-                    sums["logp_diff_tokens"] += diff.numel()
-                    top = float(diff.max()) if diff.numel() else 0.0
-                    sums["logp_diff_max"] = max(sums["logp_diff_max"], top)
-                    sums["forward_tokens"] += int(b.attention_mask.sum())
+                    parts.append(
+                        {
+                            "logp_diff": float(diff.sum()),
+                            "logp_diff_tokens": diff.numel(),
+                            "logp_diff_max": float(diff.max()) if diff.numel() else 0.0,
+                            "forward_tokens": int(b.attention_mask.sum()),
+                        }
+                    )
                 batches.append(chunks)
         for _ in range(g.ppo_epochs):
             for chunks, denom in zip(batches, denoms):
@@ -158,15 +160,13 @@ class Learner:
                     # of the batch's sum: scaled back up, the update is the global one.
                     self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
                     self.engine.step()
-                    sums["loss"] += loss.item()
-                    sums["tokens_processed"] += int(b.attention_mask.sum())
-                    sums["ratio_max"] = max(sums["ratio_max"], stats.pop("ratio_max"))
-                    for k, v in stats.items():
-                        sums[k] += v
+                    stats |= {"loss": loss.item(), "tokens_processed": int(b.attention_mask.sum())}
+                    parts.append(stats)
+        sums = merge_stats(parts)
         grad_norm = self.engine.get_global_grad_norm()  # of the last update
         sums["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
         sums["seconds"] = time.perf_counter() - t0
-        return dict(sums)
+        return sums
 
     def stream_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         """The policy's weights by HF name, one module at a time. Under ZeRO-3 each module

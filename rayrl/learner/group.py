@@ -9,7 +9,7 @@ import ray
 from rayrl.config import GRPOConfig, ResourcesConfig
 from rayrl.learner.actor import Learner
 from rayrl.learner.batch import TrainItem, split_even
-from rayrl.learner.grpo import loss_denominator
+from rayrl.learner.grpo import loss_denominator, merge_stats
 
 # Token-weighted means over every update of a step.
 MEAN_PER_TOKEN = ("pg_loss", "kl", "clip_frac", "clip_frac_dual", "ratio_mean")
@@ -53,15 +53,15 @@ class LearnerGroup:
                 for r, a in enumerate(self.actors)
             ]
         )
-        total = {k: sum(r.get(k, 0.0) for r in per_rank) for k in per_rank[0]}
+        total = merge_stats(per_rank)
         tokens = max(total["tokens"], 1.0)
         updates = g.mini_batches * g.ppo_epochs
         return {
             "loss": total["loss"] / updates,  # mean over updates of each update's loss
             **{k: total[k] / tokens for k in MEAN_PER_TOKEN},
-            "ratio_max": max(r["ratio_max"] for r in per_rank),
+            "ratio_max": total["ratio_max"],
             "logp_diff_mean": total["logp_diff"] / max(total["logp_diff_tokens"], 1.0),
-            "logp_diff_max": max(r["logp_diff_max"] for r in per_rank),
+            "logp_diff_max": total["logp_diff_max"],
             "grad_norm": per_rank[0]["grad_norm"],
             "tokens_processed": total["tokens_processed"],
             "forward_tokens": total["forward_tokens"],

@@ -5,6 +5,8 @@ loss aggregations over the whole batch.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 
 from rayrl.config import GRPOConfig
@@ -111,3 +113,12 @@ def grpo_loss(
             "tokens": float(on.sum()),
         }
     return loss, stats
+
+
+def merge_stats(parts: Iterable[dict[str, float]]) -> dict[str, float]:
+    """Statistics of micro-batches or ranks combined: sums, except `*_max` keys (maxima)."""
+    out: dict[str, float] = {}
+    for part in parts:
+        for k, v in part.items():
+            out[k] = max(out.get(k, v), v) if k.endswith("_max") else out.get(k, 0.0) + v
+    return out
