@@ -239,3 +239,17 @@ def test_seeded_prompts_longer_than_a_prefill_step_sample_reproducibly(untied):
         for s in group:
             hf_logprobs, _ = learner.score(prompt, s.token_ids)
             assert (hf_logprobs - torch.tensor(s.logprobs)).abs().max().item() < LOGPROB_TOL
+
+
+def test_pool_builds_engines_in_the_background_and_a_failed_build_fails_connect(
+    ray_session, tmp_path
+):
+    (tmp_path / "config.json").write_text("{}")  # no architecture: vLLM cannot build it
+    pool = RolloutPool(str(tmp_path), num_workers=1, kv_cache_gib=0.25, max_model_len=64)
+    try:
+        ready, _ = ray.wait([pool.workers[0].ready.remote()], timeout=0)
+        assert not ready  # the constructor returned before the engine was built
+        with pytest.raises(ray.exceptions.RayActorError):
+            pool.connect(None)  # fails on the engine, before any rendezvous
+    finally:
+        pool.shutdown()

@@ -93,6 +93,7 @@ def sweep(model: BenchModel, traffic: Traffic, names: list[str]) -> list[dict[st
         try:
             if engine is None:
                 pool: Any = RolloutPool(model.path, kv_cache_gib=0.5, max_model_len=512, **pool_kw)
+                pool.wait_ready()
             else:
                 pool = OneWorkerPool(model, pool_kw, engine, env)
             start_s = time.perf_counter() - t0

@@ -90,13 +90,18 @@ class RolloutPool:
             num_gpus=tensor_parallel if device == "gpu" else 0,
             runtime_env={"env_vars": actor_env(device, num_cpus_per_worker)},
         )
+        # The engines build in the background while the caller starts its other pools;
+        # connect() waits for them (wait_ready), and an earlier call queues behind the build.
         self.workers = [self._start(i) for i in range(num_workers)]
-        ray.get([w.ready.remote() for w in self.workers])
         self._store: Any = None
         self._group: SyncGroup | None = None
         self._generation = 0  # a fresh store prefix per group
         self._stale = False  # the group lacks a restarted worker
         self._broadcaster: Broadcaster | None = None
+
+    def wait_ready(self) -> None:
+        """Block until every worker's engine is built; raises if one failed to build."""
+        ray.get([w.ready.remote() for w in self.workers])
 
     @property
     def sync_world_size(self) -> int:
@@ -151,6 +156,9 @@ class RolloutPool:
 
     def connect(self, broadcaster: Broadcaster) -> SyncGroup:
         """Form the sync group between the learner (rank 0) and every vLLM worker."""
+        # Engines first: a worker that failed to build must fail here, not leave the
+        # learner waiting out the rendezvous timeout.
+        self.wait_ready()
         if self._store is None:
             self._store = host_store(ray.util.get_node_ip_address())
         self._generation += 1
