@@ -54,11 +54,12 @@ def config(model, out: Path):
         "grpo.data_budget": 64,
         # One vLLM worker with both cores (bench_rollout's best), learner the same.
         "resources.cpus_per_actor": 2,
+        # Every model by its directory: the ladder model found may come from tiny.yaml.
+        "ladder.models": [{"name": model.name, "path": model.path}],
+        "study.models": [model.name],
+        "study.family": ["base"],
+        "study.sweeps": [],
     }
-    if not model.trained:  # an existing model directory, given by path
-        overrides["ladder.models"] = [{"name": model.name, "path": model.path}]
-        overrides["study.models"] = [model.name]
-        overrides["study.sweeps"] = []
     return load_config(SMOKE, overrides)
 
 

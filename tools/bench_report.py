@@ -183,9 +183,14 @@ def main() -> None:
         "study": study,
         "table": rows,
     }
+    failed = sorted(k for k, v in sections.items() if v["exit"] != 0)
+    if failed:
+        md.append(f"**Failed sections: {', '.join(failed)}** (see {OUT / 'logs'}).")
     (OUT / "bench.json").write_text(json.dumps(bench, indent=1, default=str))
     (OUT / "bench.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
+    if failed:  # tools/bench exits with this: a failed section fails the suite
+        sys.exit(1)
 
 
 if __name__ == "__main__":
