@@ -145,7 +145,11 @@ class Run:
             for name, rows in {HELD_OUT: task.test, **task.evals}.items()
         }
         self.schedule = reuse_schedule(task.train, g.data_budget, spec.reuse_factor, spec.seed)
-        self.train_prompts = encode_prompts(self.schedule, self.tokenizer, g.max_prompt_tokens)
+        # The schedule repeats its subset tau times: each distinct row is encoded once.
+        unique = list({id(r): r for r in self.schedule}.values())
+        encoded = encode_prompts(unique, self.tokenizer, g.max_prompt_tokens)
+        by_row = {id(r): p for r, p in zip(unique, encoded)}
+        self.train_prompts = [by_row[id(r)] for r in self.schedule]
         self.steps = g.data_budget // g.prompts_per_step
         self.metrics = MetricsLog(run_dir / "metrics.parquet")
         self.rollout = RolloutPool(
