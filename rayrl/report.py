@@ -6,7 +6,6 @@ and scheduler.jsonl; writes fit.json / fit_data.json through `rayrl fit`'s code.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ from matplotlib.ticker import FormatStrFormatter  # noqa: E402
 
 from rayrl.config import load_config  # noqa: E402
 from rayrl.metrics import BENCHMARK, families, read_metrics  # noqa: E402
+from rayrl.scaling.scheduler import read_decisions  # noqa: E402
 
 REPORT_BOOT = 300  # bootstrap draws: intervals for a report, not a paper table
 
@@ -133,10 +133,7 @@ def plot_benchmarks(df: pd.DataFrame, path: Path) -> Path | None:
 
 def scheduler_summary(study_dir: Path, df: pd.DataFrame) -> dict[str, Any]:
     """Compute saved by stopped trials, and whether any of them would have won."""
-    path = study_dir / "scheduler.jsonl"
-    decisions = (
-        [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-    )
+    decisions = read_decisions(study_dir)
     stops = {d["run_id"]: d for d in decisions if d["action"] == "stop"}
     final = final_rows(df).set_index("run_id")
     spent = float(final["compute_flops"].sum()) if len(final) else 0.0

@@ -32,18 +32,13 @@ from rayrl.metrics import (
     read_metrics,
     x_column,
 )
-from rayrl.trainer import RunSpec, train
+from rayrl.trainer import RunSpec, checkpoint_state, train
 
 if TYPE_CHECKING:
     from rayrl.scaling.scheduler import ScalingLawScheduler
 
 log = logging.getLogger(__name__)
 FITTER_TIMEOUT_S = 120.0  # catching up: one call with every row of the study
-
-
-def param_space(cfg: Config) -> dict[str, Any]:
-    """One grid entry per distinct trial of the study's sweeps."""
-    return {"trial": tune.grid_search(cfg.trials())}
 
 
 def trial_resources(
@@ -79,7 +74,7 @@ def run_trial(params: dict[str, Any], cfg: Config, study_dir: str) -> None:
     from rayrl.scaling.fitter import get_fitter, send_row
 
     t = params["trial"]
-    spec = RunSpec(t["model"], t["rollout_n"], t["reuse_factor"], t["seed"], family=t["family"])
+    spec = RunSpec.of(t)
     fitter = get_fitter(study_dir)
     total_steps = cfg.grpo.data_budget // cfg.grpo.prompts_per_step
     x_col = x_column(cfg.study.x)
@@ -120,14 +115,19 @@ def collect_metrics(study_dir: Path) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
 
 
-class StudySearch(BasicVariantGenerator):
-    """Tune's grid search, with the concurrency limit of today's config even on resume
-    (Tune restores the searcher's saved state, max_concurrent included)."""
+def remaining_trials(cfg: Config, study_dir: Path) -> list[dict[str, Any]]:
+    """The study's trials still to run: neither checkpointed at their last step nor stopped
+    by the scheduler. Failed, interrupted and unstarted trials all remain."""
+    from rayrl.scaling.scheduler import read_decisions
 
-    def set_state(self, state: dict) -> None:
-        limit = self.max_concurrent
-        super().set_state(state)
-        self.max_concurrent = limit
+    total = cfg.grpo.data_budget // cfg.grpo.prompts_per_step
+    stopped = {d["run_id"] for d in read_decisions(study_dir) if d["action"] == "stop"}
+
+    def done(run_id: str) -> bool:
+        state = checkpoint_state(study_dir / "runs" / run_id)
+        return run_id in stopped or (state is not None and state["step"] >= total)
+
+    return [t for t in cfg.trials() if not done(RunSpec.of(t).run_id)]
 
 
 def make_tuner(
@@ -136,9 +136,15 @@ def make_tuner(
     trainable: Any,
     scheduler: ScalingLawScheduler,
     callbacks: list[tune.Callback],
+    trials: list[dict[str, Any]] | None = None,
 ) -> tune.Tuner:
-    """A new Tuner, or the study's restored one with today's scheduler, concurrency limit,
-    trackers and reporter: Tuner.restore would bring back the ones pickled at the start."""
+    """A Tuner over `trials` (by default all the study's) with today's scheduler,
+    concurrency limit, trackers and reporter.
+
+    A resumed study is a new Tuner over the trials that remain, each resuming from its own
+    checkpoint, never Tuner.restore: that brings back the scheduler and callbacks pickled at
+    the start, and restarts errored trials all at once, past max_concurrent
+    (ray-project/ray#40652)."""
     reporter = tune.CLIReporter(
         metric_columns={
             "step": "step",
@@ -151,31 +157,22 @@ def make_tuner(
         },
         max_report_frequency=30,
     )
-    tune_config = tune.TuneConfig(
-        scheduler=scheduler, search_alg=StudySearch(max_concurrent=cfg.study.max_concurrent)
+    return tune.Tuner(
+        trainable,
+        param_space={"trial": tune.grid_search(cfg.trials() if trials is None else trials)},
+        tune_config=tune.TuneConfig(
+            scheduler=scheduler,
+            search_alg=BasicVariantGenerator(max_concurrent=cfg.study.max_concurrent),
+        ),
+        run_config=tune.RunConfig(
+            name=cfg.study.name,
+            storage_path=str(study_dir / "tune"),
+            progress_reporter=reporter,
+            callbacks=callbacks,
+            failure_config=tune.FailureConfig(max_failures=2),
+            verbose=1,
+        ),
     )
-    path = study_dir / "tune" / cfg.study.name
-    if not tune.Tuner.can_restore(str(path)):
-        return tune.Tuner(
-            trainable,
-            param_space=param_space(cfg),
-            tune_config=tune_config,
-            run_config=tune.RunConfig(
-                name=cfg.study.name,
-                storage_path=str(study_dir / "tune"),
-                progress_reporter=reporter,
-                callbacks=callbacks,
-                failure_config=tune.FailureConfig(max_failures=2),
-                verbose=1,
-            ),
-        )
-    tuner = tune.Tuner.restore(str(path), trainable, resume_unfinished=True, restart_errored=True)
-    # No public API replaces these on restore; TunerInternal reads them when fit() starts.
-    internal = tuner._local_tuner
-    internal._tune_config = tune_config
-    internal._run_config.callbacks = callbacks
-    internal._run_config.progress_reporter = reporter
-    return tuner
 
 
 def run_study(cfg: Config, scheduler: bool = True, out_dir: str | None = None) -> Path:
@@ -186,7 +183,7 @@ def run_study(cfg: Config, scheduler: bool = True, out_dir: str | None = None) -
     from rayrl.models.external import check_models
     from rayrl.report import write_report
     from rayrl.scaling.fitter import start_fitter, stop_fitter
-    from rayrl.scaling.scheduler import ScalingLawScheduler
+    from rayrl.scaling.scheduler import DECISIONS, ScalingLawScheduler
     from rayrl.trackers import tracker_callbacks
 
     study_dir = Path(out_dir or cfg.output_dir).resolve()
@@ -208,34 +205,36 @@ def run_study(cfg: Config, scheduler: bool = True, out_dir: str | None = None) -
             grace_fraction=cfg.study.scheduler_grace_fraction,
             enabled=scheduler and cfg.study.scheduler,
             x=cfg.study.x,
-            log_path=str(study_dir / "scheduler.jsonl"),
+            log_path=str(study_dir / DECISIONS),
         )
         # The classic table reporter: the new output engine ignores our live-table columns.
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
         # Only the loggers tracker_callbacks lists: a tracker left out of study.trackers is off.
         os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
-        tuner = make_tuner(cfg, study_dir, trainable, sched, tracker_callbacks(cfg, study_dir))
-        results = tuner.fit()
+        trials, errors = remaining_trials(cfg, study_dir), []
+        print(f"{cfg.study.name}: {len(trials)} of {len(cfg.trials())} trials to run", flush=True)
+        if trials:
+            callbacks = tracker_callbacks(cfg, study_dir)
+            errors = make_tuner(cfg, study_dir, trainable, sched, callbacks, trials).fit().errors
         metrics = collect_metrics(study_dir)
         if metrics.empty:
             raise RuntimeError(
-                f"{study_dir}: no trial recorded a metric row; trial errors: {trial_errors(results)}"
+                f"{study_dir}: no trial recorded a metric row; trial errors: {trial_errors(errors)}"
             )
         metrics.to_parquet(study_dir / "metrics.parquet", index=False)
         catch_up(fitter, metrics)
     finally:
         stop_fitter(study_dir)
     write_report(study_dir)
-    if results.errors:
+    if errors:
         raise RuntimeError(
-            f"{len(results.errors)} trial(s) failed (report written with the rest): "
-            f"{trial_errors(results)}"
+            f"{len(errors)} trial(s) failed (report written with the rest): {trial_errors(errors)}"
         )
     return study_dir
 
 
-def trial_errors(results: Any) -> list[str]:
-    return [f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}" for e in results.errors]
+def trial_errors(errors: list[Exception]) -> list[str]:
+    return [f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}" for e in errors]
 
 
 def catch_up(fitter: Any, metrics: pd.DataFrame) -> None:

@@ -43,6 +43,17 @@ class RunSpec:
     def run_id(self) -> str:
         return f"{self.model}-{self.family}-n{self.rollout_n}-tau{self.reuse_factor}-s{self.seed}"
 
+    @classmethod
+    def of(cls, trial: dict[str, Any]) -> RunSpec:
+        """The run of one of `Config.trials()`."""
+        return cls(
+            trial["model"],
+            trial["rollout_n"],
+            trial["reuse_factor"],
+            trial["seed"],
+            trial["family"],
+        )
+
 
 @dataclass
 class EvalResult:
@@ -249,8 +260,8 @@ class Run:
         state = {"step": 0, "compute": 0.0, "compute_all": 0.0, "unique": []}
         if self.metrics.rows and not resume:
             raise FileExistsError(f"{self.dir} already holds a run; pass --resume to continue it")
-        if resume and (ckpt_dir / "latest.json").exists():
-            state = json.loads((ckpt_dir / "latest.json").read_text())
+        if resume and (latest := checkpoint_state(self.dir)) is not None:
+            state = latest
             self.learners.load(str(ckpt_dir), f"step{state['step']}")
             self.rollout.sync_weights()
             print(f"{spec.run_id}: resumed from step {state['step']}", flush=True)
@@ -292,7 +303,7 @@ class Run:
             if done % g.checkpoint_every == 0 or done == self.steps:
                 state["unique"] = sorted(unique)
                 self.learners.save(str(ckpt_dir), f"step{done}")
-                (ckpt_dir / "latest.json").write_text(json.dumps(state))
+                (ckpt_dir / LATEST).write_text(json.dumps(state))
             bar.update(1)
             bar.set_postfix_str(
                 f"reward {out['reward_mean']:.2f} loss {last_eval[HELD_OUT].test_loss if last_eval else float('nan'):.3f} "
@@ -347,6 +358,15 @@ LEARNER_STATS = (
 )
 # A step whose every group was flat: no optimizer update, no learner tokens, no sync.
 SKIPPED_UPDATE = dict.fromkeys((*LEARNER_STATS, "tokens_processed", "forward_tokens"), 0.0)
+
+
+LATEST = "latest.json"  # in run_dir/checkpoints: the last checkpoint's loop state
+
+
+def checkpoint_state(run_dir: Path) -> dict[str, Any] | None:
+    """The loop state (step, compute, unique prompts) of a run's last checkpoint, if any."""
+    path = run_dir / "checkpoints" / LATEST
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 def truncate_jsonl(path: Path, step: int) -> None:

@@ -22,12 +22,17 @@ from rayrl.report import main_law_rows
 from rayrl.scaling.commands import fit_table
 from rayrl.scaling.fitter import Fitter, get_fitter
 from rayrl.study import run_study
+from rayrl.trainer import RunSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "configs" / "smoke.yaml"
 pytestmark = [pytest.mark.e2e, pytest.mark.vllm]
-# The job-submit test's study: one trial (that test is about the submission path).
-ONE_TRIAL = {"study.family": ["base"], "study.sweeps": [{"name": "one", "models": ["smoke-1"]}]}
+# The job-submit test's study: one trial of 2 steps (that test is about the submission path).
+ONE_TRIAL = {
+    "study.family": ["base"],
+    "study.sweeps": [{"name": "one", "models": ["smoke-1"]}],
+    "grpo.data_budget": 16,
+}
 
 
 def wait_for(predicate, timeout=300.0, every=0.5):
@@ -60,8 +65,7 @@ def saboteur(cfg, study_dir, log):
     wait_for(lambda: len(ray.get(fitter.rows.remote())) >= 2)
     ray.kill(fitter, no_restart=False)
     log.append("fitter")
-    run_id = cfg.trials()[1]  # the second trial, after the fitter came back
-    run_id = f"{run_id['model']}-{run_id['family']}-n{run_id['rollout_n']}-tau{run_id['reuse_factor']}-s0"
+    run_id = RunSpec.of(cfg.trials()[1]).run_id  # the second trial, after the fitter came back
     worker = wait_for(lambda: ray.get_actor(f"rollout:{run_id}/0.0", namespace="rayrl"))
     metrics = study_dir / "runs" / run_id / "metrics.parquet"
     wait_for(lambda: metrics.exists() and pd.read_parquet(metrics)["step"].max() >= 2)
@@ -264,7 +268,7 @@ def test_smoke_study_through_ray_job_submit_on_a_local_head(tmp_path):
             return next((s for s in ("succeeded", "failed", "stopped") if s in status), None)
 
         try:
-            final = wait_for(finished, timeout=780, every=10)
+            final = wait_for(finished, timeout=780, every=3)
         except TimeoutError:
             final = "still running after 13 min"
         logs = ray_job("logs", job_id).stdout

@@ -82,6 +82,9 @@ class Learner:
             WORLD_SIZE=str(self.world_size),
             LOCAL_RANK="0",
         )
+        # DeepSpeed's shared-memory all-reduce kernel serves only its inference path, and its
+        # JIT C++ build took 45-60 s on a machine's first learner: never build it.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         deepspeed.init_distributed(dist_backend="nccl" if self.gpu else "gloo")
         torch.manual_seed(grpo.seed + self.rank)
         dtype = torch.bfloat16 if self.gpu else torch.float32

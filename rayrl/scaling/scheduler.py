@@ -30,6 +30,7 @@ import json
 import logging
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -39,6 +40,13 @@ from rayrl.metrics import EVAL, KIND, SWEEPS, TOTAL_STEPS, projected_end, x_colu
 from rayrl.scaling.fitter import Forecast
 
 log = logging.getLogger(__name__)
+DECISIONS = "scheduler.jsonl"  # in the study directory: one Decision per judged eval row
+
+
+def read_decisions(study_dir: Path) -> list[dict[str, Any]]:
+    """The decisions a study's scheduler logged, oldest first ([] before the first)."""
+    path = study_dir / DECISIONS
+    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
 
 
 @dataclass
