@@ -129,6 +129,11 @@ class GRPOConfig:
     checkpoint_every: int = 10
     seed: int = 0
 
+    @property
+    def steps(self) -> int:
+        """Optimizer steps of one run: D_total / prompts per step."""
+        return self.data_budget // self.prompts_per_step
+
 
 @dataclass
 class ResourcesConfig:

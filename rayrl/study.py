@@ -76,7 +76,7 @@ def run_trial(params: dict[str, Any], cfg: Config, study_dir: str) -> None:
     t = params["trial"]
     spec = RunSpec.of(t)
     fitter = get_fitter(study_dir)
-    total_steps = cfg.grpo.data_budget // cfg.grpo.prompts_per_step
+    total_steps = cfg.grpo.steps
     x_col = x_column(cfg.study.x)
     common = {"run_id": spec.run_id, TOTAL_STEPS: total_steps, SWEEPS: ",".join(t["sweeps"])}
 
@@ -120,12 +120,11 @@ def remaining_trials(cfg: Config, study_dir: Path) -> list[dict[str, Any]]:
     by the scheduler. Failed, interrupted and unstarted trials all remain."""
     from rayrl.scaling.scheduler import read_decisions
 
-    total = cfg.grpo.data_budget // cfg.grpo.prompts_per_step
     stopped = {d["run_id"] for d in read_decisions(study_dir) if d["action"] == "stop"}
 
     def done(run_id: str) -> bool:
         state = checkpoint_state(study_dir / "runs" / run_id)
-        return run_id in stopped or (state is not None and state["step"] >= total)
+        return run_id in stopped or (state is not None and state["step"] >= cfg.grpo.steps)
 
     return [t for t in cfg.trials() if not done(RunSpec.of(t).run_id)]
 

@@ -161,7 +161,7 @@ class Run:
         encoded = encode_prompts(unique, self.tokenizer, g.max_prompt_tokens)
         by_row = {id(r): p for r, p in zip(unique, encoded)}
         self.train_prompts = [by_row[id(r)] for r in self.schedule]
-        self.steps = g.data_budget // g.prompts_per_step
+        self.steps = g.steps
         self.metrics = MetricsLog(run_dir / "metrics.parquet")
         self.rollout = RolloutPool(
             self.model_dir,
