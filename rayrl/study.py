@@ -1,7 +1,8 @@
 """`rayrl study`: a Ray Tune search over model x family x rollout n x reuse factor x seed.
 
 Each trial is one GRPO run (rayrl.trainer) whose actors live in the trial's placement
-group. Every metric row goes to the run's own metrics.parquet, to `tune.report` (so to the
+group; Tune reuses a finished trial's actor, and with it the run's warm pools, for the next
+trial with the same resources. Every metric row goes to the run's own metrics.parquet, to `tune.report` (so to the
 scheduler and the trackers, with every optimizer step's stats) and to the study's own
 FitterActor. Running the same command again resumes the study: finished trials are
 kept, unfinished ones continue from their last checkpoint.
@@ -99,6 +100,7 @@ def run_trial(params: dict[str, Any], cfg: Config, study_dir: str) -> None:
         on_row=on_row,
         on_step=on_step,
         progress=False,
+        warm=True,  # the pools of this Tune actor's last trial, which Tune reuses
     )
 
 
@@ -162,6 +164,9 @@ def make_tuner(
         tune_config=tune.TuneConfig(
             scheduler=scheduler,
             search_alg=BasicVariantGenerator(max_concurrent=cfg.study.max_concurrent),
+            # A trial whose resources match a finished one's runs in its actor, on its warm
+            # pools (rayrl.pools).
+            reuse_actors=True,
         ),
         run_config=tune.RunConfig(
             name=cfg.study.name,

@@ -22,10 +22,10 @@ from tqdm import tqdm
 from rayrl.config import Config, GRPOConfig, dump_config
 from rayrl.data import load_task, render_prompt, reuse_schedule
 from rayrl.learner.batch import TrainItem
-from rayrl.learner.group import LearnerGroup
 from rayrl.learner.grpo import group_advantages
 from rayrl.metrics import HELD_OUT, MetricsLog, append_jsonl, benchmark_column
 from rayrl.models.flops import forward_flops, train_flops
+from rayrl.pools import release, start_pools
 from rayrl.rollout.sync import SyncStats
 
 
@@ -134,18 +134,18 @@ class Run:
         run_dir: Path,
         on_row: Callable[[dict[str, Any]], None] | None = None,
         on_step: Callable[[dict[str, Any]], None] | None = None,
+        warm: bool = False,
     ) -> None:
+        """warm: take the pools the last run in this process released, where they fit
+        (rayrl.pools), and release this run's for the next one."""
         from transformers import AutoTokenizer
-
-        from rayrl.rewards.pool import RewardPool
-        from rayrl.rollout.pool import RolloutPool
 
         self.cfg, self.spec, self.dir, self.on_row = cfg, spec, run_dir, on_row
         self.on_step = on_step  # hears every step's stats, as steps.jsonl records them
         run_dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, run_dir / "config.yaml")
         (run_dir / "run.json").write_text(json.dumps(dataclasses.asdict(spec)))
-        g, r = cfg.grpo, cfg.resources_for(spec.model, spec.family)
+        g = cfg.grpo
         self.model_dir = resolve_model_dir(cfg, spec.model, spec.family)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         self.n_params = ladder_params(self.model_dir)
@@ -163,26 +163,22 @@ class Run:
         self.train_prompts = [by_row[id(r)] for r in self.schedule]
         self.steps = g.steps
         self.metrics = MetricsLog(run_dir / "metrics.parquet")
-        self.rollout = RolloutPool(
+        self.warm = warm
+        self.pools = start_pools(
+            cfg,
+            spec.model,
+            spec.family,
             self.model_dir,
-            num_workers=r.rollout_workers,
-            tensor_parallel=r.tensor_parallel,
-            device=r.device,
-            kv_cache_gib=r.vllm_kv_cache_gib,
-            dtype=r.vllm_dtype,
-            max_model_len=g.max_prompt_tokens + g.max_new_tokens,
-            num_cpus_per_worker=r.cpus_per_actor,
-            seed=spec.seed,
+            spec.rollout_n,
+            spec.seed,
             name=f"rollout:{spec.run_id}",
+            warm=warm,
         )
-        # Learners before reward workers: inside a trial's placement group an actor takes any
-        # bundle with room, and a 0.5-CPU reward worker placed first could split the learner's
-        # 1-CPU bundle, leaving the learner unplaceable for ever (seen in the tiny study).
-        self.learners = LearnerGroup(self.model_dir, g, r, spec.rollout_n)
-        self.rewards = RewardPool(
-            num_workers=r.reward_workers, num_cpus_per_worker=min(r.cpus_per_actor, 0.5)
+        self.rollout, self.learners, self.rewards = (
+            self.pools.rollout,
+            self.pools.learners,
+            self.pools.rewards,
         )
-        self.rollout.connect(self.learners)
 
     # --- one step ------------------------------------------------------------------------
     def step(self, step: int) -> dict[str, Any]:
@@ -337,10 +333,9 @@ class Run:
         if self.on_row is not None:
             self.on_row(row)
 
-    def shutdown(self) -> None:
-        self.rollout.shutdown()
-        self.rewards.shutdown()
-        self.learners.shutdown()
+    def shutdown(self, keep: bool = True) -> None:
+        """Stop the pools, or with a warm run and keep, release them for the next run."""
+        release(self.pools, warm=self.warm and keep)
 
 
 # What the learner reports each step, into steps.jsonl.
@@ -404,11 +399,19 @@ def train(
     on_row: Callable[[dict[str, Any]], None] | None = None,
     progress: bool = True,
     on_step: Callable[[dict[str, Any]], None] | None = None,
+    warm: bool = False,
 ) -> Path:
-    """Run one GRPO training run to the end of its data budget; returns the run directory."""
+    """Run one GRPO training run to the end of its data budget; returns the run directory.
+    warm: pools from and for the other runs of this process (Run)."""
     run_dir = run_dir or Path(cfg.output_dir) / spec.run_id
-    run = Run(cfg, spec, run_dir, on_row, on_step)
+    run = Run(cfg, spec, run_dir, on_row, on_step, warm=warm)
     try:
-        return run.run(resume=resume, progress=progress)
-    finally:
+        out = run.run(resume=resume, progress=progress)
+    except SystemExit:  # Tune stopping the trial, at a report between steps: pools are sound
         run.shutdown()
+        raise
+    except BaseException:  # a pool may be broken mid-call: never hand it on
+        run.shutdown(keep=False)
+        raise
+    run.shutdown()
+    return out

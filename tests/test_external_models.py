@@ -96,8 +96,8 @@ def test_a_run_checks_its_model_before_any_actor(model_dir, tmp_path, monkeypatc
     def no_pool(*args, **kwargs):
         pytest.fail("an actor pool was started")
 
-    monkeypatch.setattr("rayrl.rollout.pool.RolloutPool", no_pool)
-    monkeypatch.setattr("rayrl.trainer.LearnerGroup", no_pool)
+    for name in ("RolloutPool", "LearnerGroup", "RewardPool"):
+        monkeypatch.setattr(f"rayrl.pools.{name}", no_pool)
     cfg = load_config(TINY, {"grpo.max_new_tokens": 600})
     name = add_model(cfg, str(model_dir), "instruct")
     with pytest.raises(ConfigError, match="max_position_embeddings = 512"):

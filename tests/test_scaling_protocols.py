@@ -74,6 +74,11 @@ def test_a_short_run_leans_on_the_cross_run_law(table):
     assert lo < mean < hi
     with pytest.raises(FitError, match="needs 3 points"):
         fit_run(X[:2], L[:2])
+    # A run whose compute never moved (every update skipped) leans on the law, or has no fit.
+    flat = np.full(4, X[1])
+    assert fit_run(flat, L[:4], law, N).source == "prior"
+    with pytest.raises(FitError, match="share one X"):
+        fit_run(flat, L[:4])
 
 
 def test_the_main_law_predicts_held_out_points_better_than_the_sigmoid(table):

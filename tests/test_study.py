@@ -66,10 +66,15 @@ def saboteur(cfg, study_dir, log):
     ray.kill(fitter, no_restart=False)
     log.append("fitter")
     run_id = RunSpec.of(cfg.trials()[1]).run_id  # the second trial, after the fitter came back
-    worker = wait_for(lambda: ray.get_actor(f"rollout:{run_id}/0.0", namespace="rayrl"))
     metrics = study_dir / "runs" / run_id / "metrics.parquet"
     wait_for(lambda: metrics.exists() and pd.read_parquet(metrics)["step"].max() >= 2)
-    ray.kill(worker)
+    # Its rollout worker, named by the run that started the pool (a warm pool is reused).
+    (name,) = [
+        a["name"]
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if a["name"].startswith("rollout:")
+    ]
+    ray.kill(ray.get_actor(name, namespace="rayrl"))
     log.append(run_id)
 
 

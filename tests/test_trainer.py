@@ -16,6 +16,7 @@ import torch
 
 from rayrl.config import load_config
 from rayrl.learner.grpo import token_logprobs
+from rayrl.metrics import read_metrics
 from rayrl.trainer import HELD_OUT, Run, RunSpec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,18 +108,59 @@ def test_killed_rollout_actor_is_replaced_without_losing_a_step(ray_session, tmp
     assert all(0 <= s["logp_diff_mean"] < 1e-3 for s in steps if s["loss"] != 0)
 
 
+def step_stats(run_dir):
+    """steps.jsonl without its timings (and the sync's, which are timings too)."""
+    rows = [json.loads(x) for x in (run_dir / "steps.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if not re.match(r"time_|wall|sync_", k)} for r in rows]
+
+
+@pytest.mark.vllm
+def test_a_warm_run_writes_what_a_cold_one_writes(ray_session, tmp_path):
+    """Warm pools (rayrl.pools), as a study's reused Tune actor has them: after a run of
+    another model, rollout n and seed, the next run rebuilds only the vLLM engines; the one
+    after that, of the same model, reuses every actor. Both write the rows and step stats
+    of a cold start with the same seed."""
+    import rayrl.pools
+    from rayrl.trainer import train
+
+    cfg = smoke(tmp_path, **{"grpo.data_budget": 32})  # 4 steps, 3 evaluations
+    spec = RunSpec("smoke-1", 4, 1, 0)
+
+    def ids(pools):
+        return {
+            "rollout": [w._actor_id for w in pools.rollout.workers],
+            "learners": [a._actor_id for a in pools.learners.actors],
+            "rewards": [a._actor_id for a in pools.rewards.actors],
+        }
+
+    try:
+        train(cfg, RunSpec("smoke-2", 2, 1, 1), tmp_path / "other", progress=False, warm=True)
+        other = ids(rayrl.pools._warm)
+        train(cfg, spec, tmp_path / "warm", progress=False, warm=True)
+        warm = ids(rayrl.pools._warm)
+        train(cfg, spec, tmp_path / "warm-again", progress=False, warm=True)
+        again = ids(rayrl.pools._warm)
+    finally:
+        if rayrl.pools._warm is not None:
+            rayrl.pools.release(rayrl.pools._warm, warm=False)
+            rayrl.pools._warm = None
+    assert warm["rollout"] != other["rollout"]  # another model: new engines
+    assert warm["learners"] == other["learners"] and warm["rewards"] == other["rewards"]
+    assert again == warm
+    train(cfg, spec, tmp_path / "cold", progress=False)
+    cold = read_metrics(tmp_path / "cold" / "metrics.parquet")
+    assert cold["step"].tolist() == [0, 2, 4]
+    for name in ("warm", "warm-again"):
+        pd.testing.assert_frame_equal(read_metrics(tmp_path / name / "metrics.parquet"), cold)
+        assert step_stats(tmp_path / name) == step_stats(tmp_path / "cold"), name
+
+
 def test_a_prompt_over_max_prompt_tokens_fails_before_any_actor_starts(tmp_path, monkeypatch):
-    import rayrl.rewards.pool
-    import rayrl.rollout.pool
-    import rayrl.trainer
+    import rayrl.pools
 
     started = []
-    for module, name in (
-        (rayrl.rollout.pool, "RolloutPool"),
-        (rayrl.trainer, "LearnerGroup"),
-        (rayrl.rewards.pool, "RewardPool"),
-    ):
-        monkeypatch.setattr(module, name, lambda *a, _n=name, **k: started.append(_n))
+    for name in ("RolloutPool", "LearnerGroup", "RewardPool"):
+        monkeypatch.setattr(rayrl.pools, name, lambda *a, _n=name, **k: started.append(_n))
     with pytest.raises(ValueError, match=r"tokens, over grpo.max_prompt_tokens=4"):
         Run(smoke(tmp_path, **{"grpo.max_prompt_tokens": 4}), RunSpec("smoke-1", 4, 1, 0), tmp_path)
     assert started == []

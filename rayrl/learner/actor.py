@@ -45,16 +45,10 @@ def deepspeed_config(
 
 class Learner:
     def __init__(
-        self,
-        rank: int,
-        world_size: int,
-        model_path: str,
-        grpo: GRPOConfig,
-        resources: ResourcesConfig,
-        rollout_n: int,
+        self, rank: int, world_size: int, grpo: GRPOConfig, resources: ResourcesConfig
     ) -> None:
-        self.rank, self.world_size, self.model_path = rank, world_size, model_path
-        self.grpo, self.resources, self.rollout_n = grpo, resources, rollout_n
+        self.rank, self.world_size = rank, world_size
+        self.grpo, self.resources = grpo, resources
         self.gpu = resources.device == "gpu"
         self.device = torch.device("cuda", 0) if self.gpu else torch.device("cpu")
         self.sender = None
@@ -69,15 +63,13 @@ class Learner:
             s.bind(("", 0))
             return ray.util.get_node_ip_address(), s.getsockname()[1]
 
-    def setup(self, master_addr: str, master_port: int) -> int:
-        """Join the learner group and build the DeepSpeed engine; returns micro-batches per step."""
+    def setup(self, master: tuple[str, int], model_path: str, rollout_n: int) -> int:
+        """Join the learner group at `master` (rank 0's address) and build the engine."""
         import deepspeed
-        from transformers import AutoModelForCausalLM
 
-        grpo = self.grpo
         os.environ.update(
-            MASTER_ADDR=master_addr,
-            MASTER_PORT=str(master_port),
+            MASTER_ADDR=master[0],
+            MASTER_PORT=str(master[1]),
             RANK=str(self.rank),
             WORLD_SIZE=str(self.world_size),
             LOCAL_RANK="0",
@@ -86,9 +78,23 @@ class Learner:
         # JIT C++ build took 45-60 s on a machine's first learner: never build it.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         deepspeed.init_distributed(dist_backend="nccl" if self.gpu else "gloo")
+        return self.build(model_path, rollout_n)
+
+    def build(self, model_path: str, rollout_n: int) -> int:
+        """The DeepSpeed engine of a new run, from `model_path`'s weights with a fresh
+        optimizer, as a cold start builds it (a warm pool's next run calls it again).
+        Returns micro-batches per step."""
+        import gc
+
+        import deepspeed
+        from transformers import AutoModelForCausalLM
+
+        grpo = self.grpo
+        self.engine = self.ref = self._hf_ds = None
+        gc.collect()  # the last run's engine, before a second copy is built
         torch.manual_seed(grpo.seed + self.rank)
         dtype = torch.bfloat16 if self.gpu else torch.float32
-        self.gas = grad_accumulation_steps(grpo, self.rollout_n, self.world_size)
+        self.gas = grad_accumulation_steps(grpo, rollout_n, self.world_size)
         ds_config = deepspeed_config(grpo, self.resources, self.gas, self.world_size)
         zero3 = self.resources.zero_stage == 3
         if zero3:
@@ -97,11 +103,11 @@ class Learner:
             # While this object lives, from_pretrained builds under zero.Init and loads each
             # weight into its shard: no rank ever holds the whole model.
             self._hf_ds = HfDeepSpeedConfig(ds_config)
-        policy = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype)
+        policy = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
         if self.resources.gradient_checkpointing:
             # Non-reentrant: the form that works with ZeRO-3's parameter hooks.
             policy.gradient_checkpointing_enable({"use_reentrant": False})
-        ref = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype).eval()
+        ref = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).eval()
         ref.requires_grad_(False)
         if zero3:  # the reference is sharded too: a ZeRO-3 engine with no optimizer
             self.ref, *_ = deepspeed.initialize(model=ref, config=ds_config)

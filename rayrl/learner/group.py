@@ -19,6 +19,8 @@ class LearnerGroup:
     def __init__(
         self, model_path: str, grpo: GRPOConfig, resources: ResourcesConfig, rollout_n: int
     ) -> None:
+        """Start the ranks; they build their engines in the background (wait_ready), and a
+        call made earlier queues behind the build."""
         n = resources.learners
         self.grpo = grpo
         remote = ray.remote(Learner).options(
@@ -29,11 +31,39 @@ class LearnerGroup:
                 "env_vars": {"DS_ACCELERATOR": "cuda" if resources.device == "gpu" else "cpu"}
             },
         )
-        self.actors = [
-            remote.remote(r, n, model_path, grpo, resources, rollout_n) for r in range(n)
-        ]
-        addr, port = ray.get(self.actors[0].address.remote())
-        self.gas = ray.get([a.setup.remote(addr, port) for a in self.actors])[0]
+        self.actors = [remote.remote(r, n, grpo, resources) for r in range(n)]
+        # Every rank placed before the caller starts its other pools: in a trial's placement
+        # group an actor takes any bundle with room, and a 0.5-CPU reward worker placed first
+        # could split a learner's 1-CPU bundle, leaving it unplaceable (seen in the tiny study).
+        master = ray.get([a.address.remote() for a in self.actors])[0]
+        self._building = [a.setup.remote(master, model_path, rollout_n) for a in self.actors]
+        self._gas = 0
+
+    def wait_ready(self) -> None:
+        """Block until every rank's engine is built; raises if one failed to build."""
+        if self._building:
+            self._gas = ray.get(self._building)[0]
+            self._building = []
+
+    @property
+    def gas(self) -> int:
+        """Micro-batches per rank per optimizer step (waits for the engines)."""
+        self.wait_ready()
+        return self._gas
+
+    def reset(self, model_path: str, rollout_n: int) -> None:
+        """A new run on the same ranks: each rebuilds its engine from `model_path`'s weights
+        with a fresh optimizer, as a cold start would; the process group and the weight
+        sender stay."""
+        self.wait_ready()
+        self._building = [a.build.remote(model_path, rollout_n) for a in self.actors]
+
+    def alive(self) -> bool:
+        try:
+            ray.get([a.address.remote() for a in self.actors], timeout=30)
+        except ray.exceptions.RayError:  # dead, or too busy to answer
+            return False
+        return True
 
     def train(self, items: list[TrainItem], temperature: float) -> dict[str, float]:
         """One rollout batch: `grpo.mini_batches` optimizer updates, each over every rank.

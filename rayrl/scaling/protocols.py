@@ -68,6 +68,8 @@ def fit_run(
     xbar, ybar = x.mean(), y.mean()
     Sxx = np.sum((x - xbar) ** 2)
     own = n >= MIN_RUN_POINTS and Sxx > 0
+    if not own and law is None:  # e.g. every update after the first skipped: X never moved
+        raise FitError(f"a run's {n} points share one X; its slope needs a cross-run law")
     k_own = -np.sum((x - xbar) * (y - ybar)) / Sxx if own else 0.0
     r = y - ybar + k_own * (x - xbar)
     prior_k, prior_prec, s = 0.0, 0.0, None
