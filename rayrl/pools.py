@@ -75,7 +75,9 @@ def start_pools(
     matches; new ones, started together, where not."""
     global _warm
     shape = pool_shapes(cfg, model, family, model_dir)
-    old, _warm = (_warm if warm else None), None
+    old = None
+    if warm:  # a cold run leaves the warm set alone
+        old, _warm = _warm, None
     if old is not None and not old.learners.alive():  # a dead rank: its group is gone too
         old.shutdown()
         old = None

@@ -1,10 +1,10 @@
 """`rayrl study`: a Ray Tune search over model x family x rollout n x reuse factor x seed.
 
 Each trial is one GRPO run (rayrl.trainer) whose actors live in the trial's placement
-group; Tune reuses a finished trial's actor, and with it the run's warm pools, for the next
-trial with the same resources. Every metric row goes to the run's own metrics.parquet, to `tune.report` (so to the
-scheduler and the trackers, with every optimizer step's stats) and to the study's own
-FitterActor. Running the same command again resumes the study: finished trials are
+group; Tune reuses a finished trial's actor, and with it the run's warm pools, for the
+next trial with the same resources. Every metric row goes to the run's own metrics.parquet,
+to `tune.report` (so to the scheduler and the trackers, with every optimizer step's stats)
+and to the study's own FitterActor. Running the same command again resumes the study: finished trials are
 kept, unfinished ones continue from their last checkpoint.
 """
 

@@ -165,9 +165,12 @@ def test_a_prompt_over_max_prompt_tokens_fails_before_any_actor_starts(tmp_path,
         Run(smoke(tmp_path, **{"grpo.max_prompt_tokens": 4}), RunSpec("smoke-1", 4, 1, 0), tmp_path)
     assert started == []
     # the same run with room for its prompts gets as far as starting its pools
+    warm_set = object()  # another run's released pools: a cold run neither takes nor drops them
+    monkeypatch.setattr(rayrl.pools, "_warm", warm_set)
     with pytest.raises(AttributeError):  # the stand-in pools cannot connect
         Run(smoke(tmp_path), RunSpec("smoke-1", 4, 1, 0), tmp_path / "ok")
     assert started == ["RolloutPool", "LearnerGroup", "RewardPool"]
+    assert rayrl.pools._warm is warm_set
 
 
 @pytest.mark.e2e
