@@ -2,10 +2,12 @@
 
 study.trackers picks among TensorBoard (TBXLoggerCallback, event files in each trial's
 directory), MLflow (MLflowLoggerCallback: the local file store STUDY_DIR/mlflow unless
-study.mlflow_tracking_uri names a server or another store) and W&B (WandbLoggerCallback: offline runs in each
-trial's directory unless WANDB_API_KEY is set). Each gets every result a trial reports,
-step rows and evaluation rows alike, with the trial's config as its parameters; the x-axis
-is the optimizer step (metrics.TRACKER_STEP).
+study.mlflow_tracking_uri names a server or another store) and W&B (WandbLoggerCallback:
+offline runs under STUDY_DIR/wandb unless WANDB_API_KEY is set). Each gets every result a
+trial reports, step rows and evaluation rows alike, with the trial's config as its
+parameters. The optimizer step (metrics.TRACKER_STEP) is the x-axis of TensorBoard and
+MLflow; W&B's own step is Tune's training iteration, and the optimizer step is its
+TRACKER_STEP column.
 """
 
 from __future__ import annotations
@@ -24,6 +26,15 @@ FILE_STORE_OPT_IN = "MLFLOW_ALLOW_FILE_STORE"  # readers of the file store set i
 def mlflow_uri(cfg: Config, study_dir: Path) -> str:
     """Where the study's MLflow runs go: study.mlflow_tracking_uri, else STUDY_DIR/mlflow."""
     return cfg.study.mlflow_tracking_uri or (study_dir / "mlflow").resolve().as_uri()
+
+
+def wandb_dir(study_dir: Path) -> Path:
+    """Where W&B writes its runs (in a wandb/ folder of its own below this).
+
+    Not the trial's directory: Tune copies that to the study's storage when the trial ends,
+    before the logging actor's wandb.finish has written the run, which left copies holding
+    only the file header."""
+    return (study_dir / "wandb").resolve()
 
 
 def wandb_mode() -> str:
@@ -58,5 +69,7 @@ def tracker_callbacks(cfg: Config, study_dir: Path) -> list[Callback]:
             mode = wandb_mode()
             if mode == "offline":  # Ray's callback asks for a key unless the driver is offline
                 os.environ[WANDB_MODE_ENV_VAR] = mode
-            callbacks.append(WandbLoggerCallback(project=cfg.study.name, mode=mode))
+            root = wandb_dir(study_dir)
+            root.mkdir(parents=True, exist_ok=True)
+            callbacks.append(WandbLoggerCallback(project=cfg.study.name, mode=mode, dir=str(root)))
     return callbacks

@@ -4,6 +4,7 @@ study's Tuner on resume: the trials that remain, under today's scheduler and lim
 
 import json
 import os
+import struct
 import time
 from pathlib import Path
 
@@ -11,11 +12,11 @@ import pytest
 from ray import tune
 
 from rayrl.config import load_config
-from rayrl.metrics import EVAL, STEP
+from rayrl.metrics import EVAL, STEP, TRACKER_STEP
 from rayrl.scaling.fitter import start_fitter, stop_fitter
 from rayrl.scaling.scheduler import ScalingLawScheduler
 from rayrl.study import make_tuner, remaining_trials, trial_result
-from rayrl.trackers import mlflow_uri, tracker_callbacks, wandb_mode
+from rayrl.trackers import mlflow_uri, tracker_callbacks, wandb_dir, wandb_mode
 from rayrl.trainer import RunSpec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -131,19 +132,57 @@ def test_mlflow_file_store_holds_every_trial_with_its_config(tracked):
     assert seen == {(t["model"], t["family"], str(t["rollout_n"])) for t in cfg.trials()}
 
 
+def wandb_records(path: Path):
+    """The records of a W&B run file, decoded with wandb's own protobuf Record. The file
+    is a LevelDB-style log (wandb-core writes it; the Python reader left the SDK): after
+    a 7-byte file header, 32 KiB blocks of chunks, each with a 7-byte header (crc32,
+    length, type: 1 full, 2 first, 3 middle, 4 last); a block's tail under 7 bytes is
+    padding."""
+    from wandb.proto.wandb_internal_pb2 import Record
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B", path
+    pos, parts = 7, b""
+    while pos + 7 <= len(data):
+        if 32768 - pos % 32768 < 7:
+            pos += 32768 - pos % 32768
+            continue
+        _crc, n, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        parts += data[pos + 7 : pos + 7 + n]
+        pos += 7 + n
+        if kind in (1, 4):
+            record = Record()
+            record.ParseFromString(parts)
+            parts = b""
+            yield record
+
+
 def test_wandb_runs_offline_without_an_api_key(tracked):
-    """One offline run per trial, named by the trial. What the run files hold is not read
-    back: wandb's own service writes them after the trial's logging actor has ended, and in
-    this suite some were left with only their 7-byte header (issue 14 note)."""
+    """One offline run per trial, in STUDY_DIR/wandb, holding the trial's config and every
+    step and evaluation row, read back from the run file."""
     cfg, study_dir = tracked
     assert wandb_mode() == "offline"
-    offline = sorted((study_dir / "tune" / "trk").glob("*/wandb/offline-run-*"))
+    offline = sorted(wandb_dir(study_dir).glob("wandb/offline-run-*"))
     assert len(offline) == len(cfg.trials())
+    seen = set()
     for run_dir in offline:
         (log,) = run_dir.glob("*.wandb")
-        assert log.read_bytes()[:4] == b":W&B", log
-        trial_dir = run_dir.parents[1].name  # Tune's trial directory names the trial's config
-        assert f"{run_dir.name.rsplit('-', 1)[-1]}" in trial_dir
+        rows, config = [], {}
+        for record in wandb_records(log):
+            if record.HasField("history"):
+                items = record.history.item  # a name is in key or, split at dots, nested_key
+                rows.append(
+                    {i.key or ".".join(i.nested_key): json.loads(i.value_json) for i in items}
+                )
+            elif record.HasField("config"):
+                config.update({i.key: json.loads(i.value_json) for i in record.config.update})
+        trial = config["trial"]
+        seen.add((trial["model"], trial["family"], trial["rollout_n"]))
+        reward = [r[TRACKER_STEP] for r in rows if "reward_mean" in r]
+        assert reward == list(range(1, STEPS + 1))  # the optimizer step, in its own column
+        loss = [(r[TRACKER_STEP], r["test_loss"]) for r in rows if "test_loss" in r]
+        assert loss == [(2, pytest.approx(0.5)), (4, pytest.approx(0.25))]
+    assert seen == {(t["model"], t["family"], t["rollout_n"]) for t in cfg.trials()}
 
 
 def test_a_tracker_left_out_is_off_and_mlflow_takes_a_tracking_uri(
