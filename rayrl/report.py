@@ -18,9 +18,11 @@ from matplotlib.ticker import FormatStrFormatter  # noqa: E402
 
 from rayrl.config import load_config  # noqa: E402
 from rayrl.metrics import BENCHMARK, families, read_metrics  # noqa: E402
+from rayrl.scaling.fit import saturation  # noqa: E402
 from rayrl.scaling.scheduler import read_decisions  # noqa: E402
 
 REPORT_BOOT = 300  # bootstrap draws: intervals for a report, not a paper table
+INTRA_MAE = 0.02  # the paper's standard for the intra-model protocol's held-out error
 
 
 def main_law_rows(df: pd.DataFrame, rollout_n: int) -> pd.DataFrame:
@@ -154,22 +156,37 @@ def scheduler_summary(study_dir: Path, df: pd.DataFrame) -> dict[str, Any]:
     }
 
 
-def _fit(study_dir: Path, table: Path, x: str, out: str) -> dict[str, Any]:
+def _fit(
+    study_dir: Path, table: Path, x: str, out: str, protocol: str = "inter", main: bool = True
+) -> dict[str, Any]:
+    """`rayrl fit` on the size sweep; main=False skips the main law's bootstrap and figures
+    (a fit for its protocol alone)."""
     from rayrl.scaling.commands import fit_command
 
     try:
         return fit_command(
-            str(table), x=x, protocol="inter", out=str(study_dir / out), n_boot=REPORT_BOOT
+            str(table),
+            x=x,
+            protocol=protocol,
+            out=str(study_dir / out),
+            figures=main,
+            n_boot=REPORT_BOOT if main else 0,
         )
     except ValueError as e:  # MetricsError included: no family has usable rows
         return {"status": "error", "error": str(e), "families": {}}
 
 
-def _family_section(name: str, fit_c: dict, fit_d: dict) -> list[str]:
-    """One family's laws on both axes, its per-size trend table, figures and protocol check."""
-    fam_c = fit_c["families"].get(name, {"status": "error", "error": fit_c.get("error")})
-    fam_d = fit_d["families"].get(name, {"status": "error", "error": fit_d.get("error")})
-    lines = [f"### Family {name}", "", _law_line(fam_c, "compute"), _law_line(fam_d, "data"), ""]
+def _family_section(name: str, fit_c: dict, fit_d: dict, fit_i: dict) -> list[str]:
+    """One family's laws on both axes, the saturation verdict, its per-size trend table,
+    figures and both protocol checks."""
+    fam_c, fam_d, fam_i = (
+        f["families"].get(name, {"status": "error", "error": f.get("error")})
+        for f in (fit_c, fit_d, fit_i)
+    )
+    lines = [f"### Family {name}", "", _law_line(fam_c, "compute"), _law_line(fam_d, "data")]
+    if law := fam_c.get("laws", {}).get("compute"):
+        lines.append(f"- saturation of k(N) on compute: {saturation(law)[1]}.")
+    lines.append("")
     lines += _trend_table(fam_c)
     for fam in (fam_c, fam_d):
         for fig in fam.get("figures", []):
@@ -177,6 +194,8 @@ def _family_section(name: str, fit_c: dict, fit_d: dict) -> list[str]:
             lines += [f"![{rel}]({rel})", ""]
     if fam_c.get("protocol"):
         lines += [_protocol_line(fam_c["protocol"]), ""]
+    if fam_i.get("protocol"):
+        lines += [_intra_line(fam_i["protocol"]), ""]
     return lines
 
 
@@ -234,6 +253,20 @@ def _protocol_line(proto: dict[str, Any]) -> str:
     )
 
 
+def _intra_line(proto: dict[str, Any]) -> str:
+    """The intra-model check in words: each run's rest predicted from its first quarter."""
+    if "error" in proto:
+        return f"Intra-model protocol: not run ({proto['error']})."
+    verdict = "within" if proto["mae"] <= INTRA_MAE else "above"
+    return (
+        f"Intra-model protocol (fit each run's first {proto['fit_fraction']:.0%} of steps, "
+        f"predict the rest): held-out loss MAE {proto['mae']:.3g} ({verdict} the paper's "
+        f"{INTRA_MAE}), max error {proto['max_error']:.3g}, final-step MAE "
+        f"{proto['final_mae']:.3g}; {proto['coverage']:.0%} of {proto['n_held_out']} points "
+        f"inside their {proto['level']:.0%} intervals."
+    )
+
+
 def write_report(study_dir: Path) -> Path:
     """Write study_dir/report.md and its figures; returns the report's path."""
     from rayrl.scaling.commands import plan_command
@@ -246,6 +279,7 @@ def write_report(study_dir: Path) -> Path:
     scaling.to_parquet(scaling_table, index=False)
     fit_c = _fit(study_dir, scaling_table, "compute", "fit.json")
     fit_d = _fit(study_dir, scaling_table, "data", "fit_data.json")
+    fit_i = _fit(study_dir, scaling_table, "compute", "fit_intra.json", "intra", main=False)
     reuse_png = plot_reuse(df[df["rollout_n"] == cfg.grpo.rollout_n], study_dir / "reuse.png")
     rollout_png = plot_rollout_n(df, study_dir / "rollout_n.png")
     bench_png = plot_benchmarks(scaling, study_dir / "benchmarks.png")
@@ -276,7 +310,7 @@ def write_report(study_dir: Path) -> Path:
         rel = Path(fig).name
         lines += [f"![{rel}]({rel})", ""]
     for name in families(scaling):
-        lines += _family_section(name, fit_c, fit_d)
+        lines += _family_section(name, fit_c, fit_d, fit_i)
     lines += ["## Data reuse (fixed total data, unique subset D_total / tau)", ""]
     reuse_rows = df[df["rollout_n"] == cfg.grpo.rollout_n]
     if reuse_png and reuse_rows["reuse_factor"].nunique() > 1:

@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 
 from rayrl.report import write_report
+from rayrl.scaling.fit import saturation
 from rayrl.scaling.synthetic import make_metrics, make_reuse_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,6 +38,13 @@ def test_report_shows_every_sizes_own_trend(tmp_path):
         assert float(cells[4]) == round(law["r2_size"][i], 3)
     proto = fit["protocol"]
     assert f"k predicted {proto['k_pred']:.3g}, observed {proto['k_obs']:.3g}" in report
+    # the intra-model check from each run's first quarter, and the saturation verdict
+    intra = json.loads((tmp_path / "fit_intra.json").read_text())["families"]["synthetic"]
+    assert intra["protocol"]["fit_fraction"] == 0.25
+    assert f"held-out loss MAE {intra['protocol']['mae']:.3g} (within the paper's 0.02)" in report
+    identified, verdict = saturation(law)
+    assert identified, verdict  # N0 = 13.1e9 lies inside 0.5e9 to 72e9
+    assert f"- saturation of k(N) on compute: {verdict}." in report
     # the reuse table holds the swept size only
     reuse = report.split("## Data reuse")[1].split("## Rollout")[0]
     assert "| 3,000,000,000 | 4 |" in reuse and "| 72,000,000,000 |" not in reuse
@@ -97,3 +105,17 @@ def test_report_has_a_section_per_family_each_as_fitted_alone(tmp_path):
         assert f"{law['n_points']} points from {law['n_runs']} runs" in section
     # figures keep the families apart: one curve per (model, family)
     assert (tmp_path / "fit_k_vs_N_families.png").stat().st_size > 1000
+
+
+def test_saturation_is_not_identified_on_a_ladder_below_the_knee(tmp_path):
+    """Every size far below N0: k(N) grows linearly across the ladder and k_max is unseen."""
+    table = make_metrics(sizes=(0.5e9, 1e9, 2e9), N0=2e12, seeds=2, points=10, seed=5)
+    table.to_parquet(tmp_path / "metrics.parquet")
+    shutil.copy(ROOT / "configs" / "tiny.yaml", tmp_path / "config.yaml")
+
+    report = write_report(tmp_path).read_text()
+
+    law = json.loads((tmp_path / "fit.json").read_text())["families"]["synthetic"]["laws"]
+    identified, verdict = saturation(law["compute"])
+    assert not identified and verdict.startswith("not identified: N0 = "), verdict
+    assert f"- saturation of k(N) on compute: {verdict}." in report

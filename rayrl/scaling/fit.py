@@ -29,6 +29,7 @@ MIN_RUN_POINTS = 3  # a slope plus one degree of freedom
 MIN_SIZES = 3  # k(N) has two parameters; a third size is the first check on them
 GRID = 61
 N_STARTS = 3
+AT_BOUND = 0.01  # decades: a parameter this close to its search bound sits on it
 
 
 class FitError(ValueError):
@@ -212,6 +213,7 @@ class MainFit:
     E_hat: list[float] = field(default_factory=list)  # each size's own intercept, with k_hat
     r2_size: list[float] = field(default_factory=list)  # R² of each size's own log-log line
     level: float = 0.9
+    N0_bounds: list[float] = field(default_factory=list)  # N0's search range [lo, hi]
     draws: list[list[float]] | None = None  # bootstrap rows [k_max, N0, *E_params]
     ci: dict | None = None
 
@@ -261,6 +263,34 @@ class MainFit:
     @classmethod
     def from_dict(cls, d: dict) -> MainFit:
         return cls(**d)
+
+
+def saturation(law: dict) -> tuple[bool, str]:
+    """Is k(N)'s saturation identified? Yes when N0 lies inside the fitted sizes' span and
+    its interval stays clear of the search bounds; the sentence says which test failed."""
+    N0, sizes = law["N0"], law["sizes"]
+    lo, hi = (law.get("ci") or {}).get("N0") or (float("nan"), float("nan"))
+    b_lo, b_hi = law["N0_bounds"]
+    span = f"the sizes' span {min(sizes):.3g} to {max(sizes):.3g}"
+    if not min(sizes) <= N0 <= max(sizes):
+        why = (
+            "every size is past the knee (k(N) near k_max throughout), so N0 is extrapolated"
+            if N0 < min(sizes)
+            else "no size reaches the knee, so k_max is extrapolated beyond the largest size"
+        )
+        where = "below" if N0 < min(sizes) else "above"
+        return False, f"not identified: N0 = {N0:.3g} lies {where} {span}: {why}"
+    if not np.isfinite(lo):
+        return False, f"not identified: N0 = {N0:.3g} is inside {span}, but has no interval"
+    if np.log10(lo) - np.log10(b_lo) < AT_BOUND or np.log10(b_hi) - np.log10(hi) < AT_BOUND:
+        return False, (
+            f"not identified: N0 = {N0:.3g} is inside {span}, but its {law['level']:.0%} interval "
+            f"{lo:.3g} to {hi:.3g} reaches a search bound ({b_lo:.3g}, {b_hi:.3g})"
+        )
+    return True, (
+        f"identified: N0 = {N0:.3g} ({law['level']:.0%} CI {lo:.3g} to {hi:.3g}) lies inside {span}, "
+        f"clear of the search bounds ({b_lo:.3g}, {b_hi:.3g})"
+    )
 
 
 def _solve_counts(
@@ -360,7 +390,7 @@ def fit_main_law(
     )
     for name, i, side in (("k_max", 0, "upper"), ("N0", 1, "upper"), ("N0", 1, "lower")):
         edge = sol.hi[i] if side == "upper" else sol.lo[i]
-        if abs(np.log10([sol.k_max, sol.N0][i]) - edge) < 0.01:
+        if abs(np.log10([sol.k_max, sol.N0][i]) - edge) < AT_BOUND:
             warnings.append(
                 f"{name} at its {side} search bound: the sizes do not pin k(N)'s saturation"
             )
@@ -423,6 +453,7 @@ def fit_main_law(
         E_hat=(ybar + k_hat * xbar).tolist(),
         r2_size=np.divide(Sxy**2, Sxx * Syy, out=np.full_like(Syy, np.nan), where=Syy > 0).tolist(),
         level=level,
+        N0_bounds=[float(10 ** sol.lo[1]), float(10 ** sol.hi[1])],
     )
     if n_boot > 0:
 
