@@ -128,6 +128,13 @@ class GRPOConfig:
     eval_samples: int = 4  # samples per held-out problem for pass@1
     checkpoint_every: int = 10
     seed: int = 0
+    # 1 overlaps the loop: step t+1 generates while step t learns, so its samples are one
+    # update stale. 0 is the paper's synchronous loop.
+    async_steps: int = 0
+    # Truncated importance sampling of an off-policy rollout (async_steps 1, or a vLLM dtype
+    # other than float32): each token's policy gradient times min(pi_old / pi_vLLM, is_cap),
+    # the TIS correction of veRL and OpenRLHF (their cap is 2 too).
+    is_cap: float = 2.0
 
     @property
     def steps(self) -> int:
@@ -367,6 +374,8 @@ def validate(cfg: Config) -> None:
     ):
         need(getattr(g, name) > 0, f"grpo.{name}", "a positive integer", getattr(g, name))
     need(g.clip_ratio_c > 1, "grpo.clip_ratio_c", "a value above 1", g.clip_ratio_c)
+    need(g.async_steps in (0, 1), "grpo.async_steps", "0 or 1", g.async_steps)
+    need(g.is_cap >= 1, "grpo.is_cap", "a cap of at least 1", g.is_cap)
     need(
         g.prompts_per_step % g.mini_batches == 0,
         "grpo.mini_batches",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import pickle
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -124,6 +125,22 @@ def evaluate(
     return out
 
 
+@dataclass
+class Rollout:
+    """One step's samples, scored, as the learner takes them."""
+
+    step: int
+    rows: list[dict]
+    prompts: list[list[int]]
+    groups: list[list[Any]]  # per prompt, its rollout_n vLLM Samples
+    rewards: torch.Tensor
+    flat_groups: int
+    items: list[TrainItem]
+    updates: int  # the learner's optimizer updates when vLLM's weights were last synced
+    time_gen: float
+    time_reward: float
+
+
 class Run:
     """One GRPO run; owns its actor pools for its lifetime."""
 
@@ -162,6 +179,8 @@ class Run:
         by_row = {id(r): p for r, p in zip(unique, encoded)}
         self.train_prompts = [by_row[id(r)] for r in self.schedule]
         self.steps = g.steps
+        self.updates = 0  # optimizer updates so far (vLLM holds them all after each sync)
+        self.pending: Rollout | None = None  # the next step's rollout, made while this learns
         self.metrics = MetricsLog(run_dir / "metrics.parquet")
         self.warm = warm
         self.pools = start_pools(
@@ -181,9 +200,9 @@ class Run:
         )
 
     # --- one step ------------------------------------------------------------------------
-    def step(self, step: int) -> dict[str, Any]:
+    def rollout_step(self, step: int) -> Rollout:
+        """Step `step`'s samples from vLLM's current weights, scored, with their advantages."""
         g, spec, tok = self.cfg.grpo, self.spec, self.tokenizer
-        t: dict[str, float] = {}
         batch_slice = slice(step * g.prompts_per_step, (step + 1) * g.prompts_per_step)
         rows, prompts = self.schedule[batch_slice], self.train_prompts[batch_slice]
 
@@ -195,45 +214,64 @@ class Run:
             max_tokens=g.max_new_tokens,
             seed=spec.seed * 1_000_003 + step,
         )
-        t["gen"] = time.perf_counter() - t0
+        t_gen = time.perf_counter() - t0
 
         t0 = time.perf_counter()
         verdicts = self.rewards.score(reward_items(rows, groups, tok))
         rewards = torch.tensor([v.score for v in verdicts])
-        t["reward"] = time.perf_counter() - t0
+        t_reward = time.perf_counter() - t0
 
         adv, flat_groups = group_advantages(rewards, spec.rollout_n, g.adv_eps)
         # Flat groups (all rewards equal) have zero advantage but stay in the token-mean, as in
         # the paper: a batch with one informative group then moves the policy a little, not a
         # full Adam step. A batch of flat groups only is skipped: it would be a KL-only update.
-        batch = [
+        items = [
             TrainItem(p, list(s.token_ids), float(a), list(s.logprobs))
             for p, grp, a_grp in zip(prompts, groups, adv.view(-1, spec.rollout_n))
             for s, a in zip(grp, a_grp)
         ]
+        return Rollout(
+            step, rows, prompts, groups, rewards, flat_groups, items, self.updates, t_gen, t_reward
+        )
+
+    def step(self, step: int) -> dict[str, Any]:
+        """One GRPO step. With grpo.async_steps 1 the next step's rollout is generated and
+        scored while this one learns (vLLM still holds the weights this step started from),
+        so the next step learns from samples one update stale."""
+        g, spec = self.cfg.grpo, self.spec
+        r = self.pending if self.pending and self.pending.step == step else self.rollout_step(step)
+        self.pending = None
+        staleness = self.updates - r.updates  # optimizer updates since its weights were synced
+        t: dict[str, float] = {"gen": r.time_gen, "reward": r.time_reward}
         t0, t["learn"] = time.perf_counter(), 0.0
         learn, sync = SKIPPED_UPDATE, SyncStats(0, 0.0, 0, 0)
-        if flat_groups < len(prompts):
-            learn = self.learners.train(batch, g.temperature)
-            t["learn"] = time.perf_counter() - t0
+        update = r.flat_groups < len(r.prompts)
+        wait = self.learners.start_train(r.items, g.temperature) if update else None
+        if g.async_steps and step + 1 < self.steps:
+            self.pending = self.rollout_step(step + 1)
+        if wait is not None:
+            learn = wait()
+            t["learn"] = time.perf_counter() - t0  # overlapped: includes the next rollout
+            self.updates += 1
             t0 = time.perf_counter()
             sync = self.rollout.sync_weights()
         t["sync"] = time.perf_counter() - t0
 
-        prompt_tokens = sum(len(p) for p in prompts) * spec.rollout_n
-        gen_tokens = sum(len(s.token_ids) for grp in groups for s in grp)
+        prompt_tokens = sum(len(p) for p in r.prompts) * spec.rollout_n
+        gen_tokens = sum(len(s.token_ids) for grp in r.groups for s in grp)
         return {
             "step": step + 1,
-            "reward_mean": float(rewards.mean()),
-            "flat_groups": flat_groups,
-            "response_len": gen_tokens / max(len(prompts) * spec.rollout_n, 1),
+            "reward_mean": float(r.rewards.mean()),
+            "flat_groups": r.flat_groups,
+            "response_len": gen_tokens / max(len(r.prompts) * spec.rollout_n, 1),
+            "staleness": staleness,
             # C: 6 N T per optimizer step over the tokens the learner processed (appendix C.1).
             "flops": train_flops(self.n_params, learn["tokens_processed"]),
             # All-in adds rollout generation and the pi_old and reference passes, 2 N T each.
             "flops_all": train_flops(self.n_params, learn["tokens_processed"])
             + forward_flops(self.n_params, prompt_tokens + gen_tokens)
             + 2 * forward_flops(self.n_params, learn["forward_tokens"]),
-            "unique": {r["extra_info"]["index"] for r in rows},
+            "unique": {row["extra_info"]["index"] for row in r.rows},
             **{f"time_{k}": v for k, v in t.items()},
             **{k: learn[k] for k in LEARNER_STATS},
             **sync.metrics(),
@@ -260,6 +298,9 @@ class Run:
             state = latest
             self.learners.load(str(ckpt_dir), f"step{state['step']}")
             self.rollout.sync_weights()
+            # The overlapped loop's next rollout, made from the weights before the checkpoint.
+            if (pending := ckpt_dir / f"step{state['step']}" / PENDING).exists():
+                self.pending = pickle.loads(pending.read_bytes())
             print(f"{spec.run_id}: resumed from step {state['step']}", flush=True)
         # Steps after the checkpoint are recomputed, so their records go.
         self.metrics.truncate_after(state["step"])
@@ -299,6 +340,10 @@ class Run:
             if done % g.checkpoint_every == 0 or done == self.steps:
                 state["unique"] = sorted(unique)
                 self.learners.save(str(ckpt_dir), f"step{done}")
+                if self.pending is not None:  # its updates counted back from this checkpoint
+                    gap = self.pending.updates - self.updates
+                    pending = dataclasses.replace(self.pending, updates=gap)
+                    (ckpt_dir / f"step{done}" / PENDING).write_bytes(pickle.dumps(pending))
                 (ckpt_dir / LATEST).write_text(json.dumps(state))
             bar.update(1)
             bar.set_postfix_str(
@@ -349,6 +394,9 @@ LEARNER_STATS = (
     "ratio_max",
     "logp_diff_mean",  # |log pi_vLLM - log pi_old| over response tokens
     "logp_diff_max",
+    "is_weight_mean",  # TIS weights min(pi_old / pi_vLLM, is_cap), when off-policy
+    "is_weight_max",
+    "is_capped_frac",
     "grad_norm",
 )
 # A step whose every group was flat: no optimizer update, no learner tokens, no sync.
@@ -356,6 +404,7 @@ SKIPPED_UPDATE = dict.fromkeys((*LEARNER_STATS, "tokens_processed", "forward_tok
 
 
 LATEST = "latest.json"  # in run_dir/checkpoints: the last checkpoint's loop state
+PENDING = "pending.pkl"  # in a checkpoint's folder: the overlapped loop's next rollout
 
 
 def checkpoint_state(run_dir: Path) -> dict[str, Any] | None:

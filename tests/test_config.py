@@ -47,6 +47,8 @@ M = "ladder:\n  models:\n  - {name: a, hidden: 32, layers: 1, heads: 1, kv_heads
         ),
         ("grpo:\n  ppo_epochs: 0\n", "grpo.ppo_epochs", "positive"),
         ("grpo:\n  clip_ratio_c: 0.5\n", "grpo.clip_ratio_c", "above 1"),
+        ("grpo:\n  async_steps: 2\n", "grpo.async_steps", "0 or 1"),
+        ("grpo:\n  is_cap: 0.5\n", "grpo.is_cap", "at least 1"),
         ("study:\n  seeds: 3\n", "study.seeds", "expected a list"),
         ("grpo: 5\n", "grpo", "expected a mapping"),
         ("grpo:\n  rollout_n: 1\n", "grpo.rollout_n", "at least 2"),

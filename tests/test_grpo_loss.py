@@ -190,3 +190,44 @@ def test_merge_stats_sums_counts_and_keeps_maxima():
     parts = [{"tokens": 3.0, "ratio_max": 1.5}, {"tokens": 2.0, "ratio_max": 1.2, "kl": 0.5}]
     assert merge_stats(parts) == {"tokens": 5.0, "ratio_max": 1.5, "kl": 0.5}
     assert merge_stats([]) == {}
+
+
+def test_truncated_importance_weights_cap_the_stale_ratio():
+    from rayrl.learner.grpo import is_weights
+
+    old = torch.log(torch.tensor([[0.5, 0.5, 0.5, 0.5]]))
+    rollout = torch.log(torch.tensor([[0.5, 0.25, 0.1, float("nan")]]))  # last: unknown
+    w = is_weights(old, rollout, cap=2.0)
+    # w_t = min(pi_old / pi_rollout, C): 1, 2, min(5, 2), and 1 where vLLM gave no log-prob
+    assert w[0].tolist() == pytest.approx([1.0, 2.0, 2.0, 1.0])
+    assert is_weights(old, rollout, cap=10.0)[0].tolist() == pytest.approx([1.0, 2.0, 5.0, 1.0])
+
+
+@pytest.mark.parametrize("cap", [2.0, 4.0])
+def test_is_weight_scales_each_tokens_policy_gradient(cap):
+    """A token sampled by a stale policy at a third of pi_old's probability: its gradient is
+    weighted by min(3, cap); the KL term is not weighted."""
+    from rayrl.learner.grpo import is_weights
+
+    g = GRPOConfig(kl_coef=0.0, is_cap=cap)
+    old = torch.zeros(1, 1)
+    w = is_weights(old, torch.full((1, 1), math.log(1 / 3)), g.is_cap)
+    grads = []
+    for weight in (None, w):
+        logp = torch.zeros(1, 1, requires_grad=True)
+        loss, stats = grpo_loss(logp, old, old, torch.tensor([1.0]), torch.ones(1, 1), g, 1, weight)
+        loss.backward()
+        grads.append(logp.grad.item())
+    assert grads[1] == pytest.approx(min(3.0, cap) * grads[0])
+    assert stats["is_weight"] == pytest.approx(min(3.0, cap)) == stats["is_weight_max"]
+    assert stats["is_capped"] == (1.0 if cap < 3 else 0.0)
+
+
+def test_the_rollout_is_off_policy_when_overlapped_or_not_fp32():
+    from rayrl.config import ResourcesConfig
+    from rayrl.learner.grpo import off_policy
+
+    fp32 = ResourcesConfig()
+    assert not off_policy(GRPOConfig(), fp32)  # the paper's synchronous fp32 loop
+    assert off_policy(GRPOConfig(async_steps=1), fp32)
+    assert off_policy(GRPOConfig(), ResourcesConfig(vllm_dtype="bfloat16"))

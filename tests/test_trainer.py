@@ -155,6 +155,48 @@ def test_a_warm_run_writes_what_a_cold_one_writes(ray_session, tmp_path):
         assert step_stats(tmp_path / name) == step_stats(tmp_path / "cold"), name
 
 
+@pytest.mark.vllm
+def test_overlapped_steps_learn_one_update_stale_and_resume_exactly(ray_session, tmp_path):
+    """grpo.async_steps 1: each step after an update learns from samples that vLLM drew with
+    the weights before it, weighted by TIS; a run stopped after its step-2 checkpoint and
+    resumed writes what the uninterrupted run wrote (the pending rollout is checkpointed)."""
+    import rayrl.pools
+    from rayrl.trainer import train
+
+    cfg = smoke(tmp_path, **{"grpo.async_steps": 1, "grpo.lr": 3e-3, "grpo.data_budget": 48})
+    spec = RunSpec("smoke-1", 4, 1, 0)
+
+    def stop_at_4(row):
+        if row["step"] == 4:  # recorded before step 4's checkpoint: step 2's is the last
+            raise SystemExit("stopped")  # as Tune stops a trial: the pools stay warm
+
+    try:
+        train(cfg, spec, tmp_path / "whole", progress=False, warm=True)
+        with pytest.raises(SystemExit):
+            train(cfg, spec, tmp_path / "cut", on_row=stop_at_4, progress=False, warm=True)
+        assert (tmp_path / "cut" / "checkpoints" / "step2" / "pending.pkl").exists()
+        train(cfg, spec, tmp_path / "cut", resume=True, progress=False, warm=True)
+    finally:
+        if rayrl.pools._warm is not None:
+            rayrl.pools.release(rayrl.pools._warm, warm=False)
+            rayrl.pools._warm = None
+    whole = read_metrics(tmp_path / "whole" / "metrics.parquet")
+    assert whole["step"].tolist() == [0, 2, 4, 6]
+    pd.testing.assert_frame_equal(read_metrics(tmp_path / "cut" / "metrics.parquet"), whole)
+    steps = step_stats(tmp_path / "whole")
+    assert step_stats(tmp_path / "cut") == steps
+    updated = [s["loss"] != 0 for s in steps]
+    assert sum(updated[:-1]) >= 2
+    assert [s["staleness"] for s in steps] == [0] + [int(u) for u in updated[:-1]]
+    for s, stale in zip(steps, [False] + updated[:-1]):
+        if not s["loss"]:
+            continue
+        # vLLM's log-probs are of the weights one update back: measured, not bookkept
+        assert (s["logp_diff_mean"] > 1e-3) == stale, s
+        assert s["is_weight_max"] <= cfg.grpo.is_cap + 1e-6
+        assert (abs(s["is_weight_mean"] - 1) > 1e-4) == stale, s
+
+
 def test_a_prompt_over_max_prompt_tokens_fails_before_any_actor_starts(tmp_path, monkeypatch):
     import rayrl.pools
 

@@ -3,6 +3,10 @@ GRPOTrainer (HF generate, in-process reward, one process), same model, batch, gr
 size, lengths, learning rate and number of steps, on the synthetic task.
 
     .venv/bin/python tools/bench_grpo.py [--models ladder,rand-25m] [--steps 3]
+
+--side overlap instead times rayrl's loop with grpo.async_steps 0 and 1 (each actor on one
+core, so the two phases can overlap) and sets the speed-up against its bound,
+(gen + learn + sync) / max(gen, learn + sync), from the synchronous run's own split.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ class DenseRewards:
         pass
 
 
-def config(model, out: Path):
+def config(model, out: Path, async_steps: int = 0, cpus: float = 2):
     from rayrl.config import load_config
 
     s = SETTINGS
@@ -52,8 +56,10 @@ def config(model, out: Path):
         "grpo.lr": s["lr"],
         "grpo.micro_batch": s["micro_batch"],
         "grpo.data_budget": 64,
-        # One vLLM worker with both cores (bench_rollout's best), learner the same.
-        "resources.cpus_per_actor": 2,
+        # One vLLM worker with both cores (bench_rollout's best), learner the same; one
+        # core each for the overlap, which runs them side by side.
+        "resources.cpus_per_actor": cpus,
+        "grpo.async_steps": async_steps,
         # Every model by its directory: the ladder model found may come from tiny.yaml.
         "ladder.models": [{"name": model.name, "path": model.path}],
         "study.models": [model.name],
@@ -63,7 +69,7 @@ def config(model, out: Path):
     return load_config(SMOKE, overrides)
 
 
-def rayrl_steps(model, steps: int, out: Path) -> dict:
+def rayrl_steps(model, steps: int, out: Path, async_steps: int = 0, cpus: float = 2) -> dict:
     import ray
 
     from rayrl.trainer import Run, RunSpec
@@ -71,9 +77,9 @@ def rayrl_steps(model, steps: int, out: Path) -> dict:
     # 2 (vLLM) + 2 (learner) + 0.5 (reward) logical CPUs: the phases take turns on the
     # 2 cores, so the slots may add up to more than the machine.
     ray.init(num_cpus=5, include_dashboard=False, log_to_driver=False)
-    cfg = config(model, out)
+    cfg = config(model, out, async_steps, cpus)
     t0 = time.perf_counter()
-    run = Run(cfg, RunSpec(model.name, SETTINGS["group"], 1, 0), out / "rayrl")
+    run = Run(cfg, RunSpec(model.name, SETTINGS["group"], 1, 0), out / f"rayrl-{async_steps}")
     setup = time.perf_counter() - t0
     if not model.trained:
         run.rewards.shutdown()
@@ -191,11 +197,28 @@ def trl_steps(model, steps: int, out: Path) -> dict:
     }
 
 
+def overlap(model, steps: int, out: Path) -> dict:
+    """Steps per second with async_steps 1 against 0, and the bound the split allows."""
+    sync = rayrl_steps(model, steps, out, async_steps=0, cpus=1)
+    overlapped = rayrl_steps(model, steps, out, async_steps=1, cpus=1)
+    t = sync["split_seconds"]
+    gen, learn = t["gen"] + t["reward"], t["learn"] + t["sync"]
+    speedup = sync["seconds_per_step"] / overlapped["seconds_per_step"]
+    bound = (gen + learn) / max(gen, learn)
+    return {
+        "sync": sync,
+        "async": overlapped,
+        "speedup": round(speedup, 3),
+        "bound": round(bound, 3),
+        "share_of_bound": round(speedup / bound, 3),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="ladder,rand-25m")
     ap.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up step")
-    ap.add_argument("--side", choices=["both", "rayrl", "trl"], default="both")
+    ap.add_argument("--side", choices=["both", "rayrl", "trl", "overlap"], default="both")
     args = ap.parse_args()
     results = []
     for key in args.models.split(","):
@@ -203,6 +226,9 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             r = {"model": model.name, "matmul_params": model.matmul_params, **SETTINGS}
             r["steps"] = args.steps
+            if args.side == "overlap":
+                print(f"[grpo] {model.name}: overlap", flush=True)
+                r["overlap"] = overlap(model, args.steps, Path(tmp))
             if args.side in ("both", "rayrl"):
                 print(f"[grpo] {model.name}: rayrl", flush=True)
                 r["rayrl"] = rayrl_steps(model, args.steps, Path(tmp))
@@ -216,7 +242,8 @@ def main() -> None:
             r["machine"] = machine()
             print(f"[grpo] {r}", flush=True)
             results.append(r)
-    print(write_json("grpo", {"settings": SETTINGS, "models": results}))
+    name = "overlap" if args.side == "overlap" else "grpo"
+    print(write_json(name, {"settings": SETTINGS, "models": results}))
 
 
 if __name__ == "__main__":

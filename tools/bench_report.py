@@ -94,6 +94,22 @@ def grpo_rows(grpo: dict) -> list[list[str]]:
     return rows
 
 
+def overlap_rows(overlap: dict) -> list[list[str]]:
+    rows = []
+    for m in overlap["models"]:
+        o = m["overlap"]
+        rows.append(
+            [
+                f"overlapped steps {m['model']} ({m['matmul_params'] / 1e6:.2f}M, async_steps 1)",
+                f"{o['async']['seconds_per_step']:.2f} s/step",
+                f"synchronous {o['sync']['seconds_per_step']:.2f} s/step; bound {o['bound']:.2f}x",
+                f"{o['speedup']:.2f}x ({pct(o['share_of_bound'])} of the bound)",
+                "≥80% of the bound: " + verdict(o["share_of_bound"] >= 0.8),
+            ]
+        )
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--total-seconds", type=float)
@@ -105,6 +121,7 @@ def main() -> None:
             name, rc, secs = line.split()
             sections[name] = {"exit": int(rc), "seconds": int(secs)}
     peak, rollout, grpo = load("peak.json"), load("rollout.json"), load("grpo.json")
+    overlap = load("overlap.json")
     rewards, fit, study = load("rewards.jsonl"), load("fit.json"), load("study.json")
     rows: list[list[str]] = []
     if peak:
@@ -124,6 +141,8 @@ def main() -> None:
         rows += sync_rows(rollout)
     if grpo:
         rows += grpo_rows(grpo)
+    if overlap:
+        rows += overlap_rows(overlap)
     if rewards:
         ok = rewards["speedup_pool"] >= 2 and rewards["max_item_s"] < 10
         rows.append(
@@ -178,6 +197,7 @@ def main() -> None:
         "peak": peak,
         "rollout": rollout,
         "grpo": grpo,
+        "overlap": overlap,
         "rewards": rewards,
         "fit": fit,
         "study": study,

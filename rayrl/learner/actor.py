@@ -18,7 +18,7 @@ import torch
 
 from rayrl.config import GRPOConfig, ResourcesConfig
 from rayrl.learner.batch import Padded, TrainItem, collate, split_even
-from rayrl.learner.grpo import grpo_loss, merge_stats, token_logprobs
+from rayrl.learner.grpo import grpo_loss, is_weights, merge_stats, off_policy, token_logprobs
 
 
 def grad_accumulation_steps(grpo: GRPOConfig, rollout_n: int, world_size: int) -> int:
@@ -49,6 +49,7 @@ class Learner:
     ) -> None:
         self.rank, self.world_size = rank, world_size
         self.grpo, self.resources = grpo, resources
+        self.off_policy = off_policy(grpo, resources)  # TIS-weight the policy gradient
         self.gpu = resources.device == "gpu"
         self.device = torch.device("cuda", 0) if self.gpu else torch.device("cpu")
         self.sender = None
@@ -145,7 +146,8 @@ class Learner:
                 for chunk in split_even(shard, self.gas):
                     b = collate(chunk, self.pad_id).to(self.device)
                     old = self._logprobs(self.engine, b, temperature)
-                    chunks.append((b, old, self._logprobs(self.ref, b, temperature)))
+                    w = is_weights(old, b.rollout_logp, g.is_cap) if self.off_policy else None
+                    chunks.append((b, old, self._logprobs(self.ref, b, temperature), w))
                     # The behaviour policy (vLLM's sampler) against the learner's pi_old.
                     diff = (old - b.rollout_logp).abs()[b.rollout_logp.isfinite()]
                     parts.append(
@@ -159,12 +161,14 @@ class Learner:
                 batches.append(chunks)
         for _ in range(g.ppo_epochs):
             for chunks, denom in zip(batches, denoms):
-                for i, (b, old, ref) in enumerate(chunks):
+                for i, (b, old, ref, w) in enumerate(chunks):
                     # The optimizer steps on the mini-batch's last micro-batch, set here rather
                     # than left to DeepSpeed's running micro-step count.
                     self.engine.set_gradient_accumulation_boundary(i == len(chunks) - 1)
                     logp = self._logprobs(self.engine, b, temperature)
-                    loss, stats = grpo_loss(logp, old, ref, b.advantages, b.response_mask, g, denom)
+                    loss, stats = grpo_loss(
+                        logp, old, ref, b.advantages, b.response_mask, g, denom, w
+                    )
                     # DeepSpeed averages gradients over ranks, and each rank's loss is its part
                     # of the batch's sum: scaled back up, the update is the global one.
                     self.engine.backward(loss * self.world_size, scale_wrt_gas=False)

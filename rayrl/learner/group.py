@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import ray
@@ -66,7 +67,14 @@ class LearnerGroup:
         return True
 
     def train(self, items: list[TrainItem], temperature: float) -> dict[str, float]:
-        """One rollout batch: `grpo.mini_batches` optimizer updates, each over every rank.
+        """One rollout batch: `grpo.mini_batches` optimizer updates, each over every rank."""
+        return self.start_train(items, temperature)()
+
+    def start_train(
+        self, items: list[TrainItem], temperature: float
+    ) -> Callable[[], dict[str, float]]:
+        """Start `train` on the ranks and return at once; the returned call waits for the
+        step and gives its statistics (the overlapped loop generates in between).
 
         The batch is cut into mini-batches first (contiguous, so groups stay whole) and each
         mini-batch is sharded across the ranks: the updates do not depend on the rank count.
@@ -77,12 +85,14 @@ class LearnerGroup:
             loss_denominator([len(it.response_ids) for it in mb], g.loss_agg) for mb in mini_batches
         ]
         shards = [split_even(mb, len(self.actors)) for mb in mini_batches]
-        per_rank = ray.get(
-            [
-                a.train.remote([s[r] for s in shards], denoms, temperature)
-                for r, a in enumerate(self.actors)
-            ]
-        )
+        refs = [
+            a.train.remote([s[r] for s in shards], denoms, temperature)
+            for r, a in enumerate(self.actors)
+        ]
+        return lambda: self._step_stats(ray.get(refs))
+
+    def _step_stats(self, per_rank: list[dict[str, float]]) -> dict[str, float]:
+        g = self.grpo
         total = merge_stats(per_rank)
         tokens = max(total["tokens"], 1.0)
         updates = g.mini_batches * g.ppo_epochs
@@ -92,6 +102,9 @@ class LearnerGroup:
             "ratio_max": total["ratio_max"],
             "logp_diff_mean": total["logp_diff"] / max(total["logp_diff_tokens"], 1.0),
             "logp_diff_max": total["logp_diff_max"],
+            "is_weight_mean": total["is_weight"] / tokens,
+            "is_weight_max": total["is_weight_max"],
+            "is_capped_frac": total["is_capped"] / tokens,
             "grad_norm": per_rank[0]["grad_norm"],
             "tokens_processed": total["tokens_processed"],
             "forward_tokens": total["forward_tokens"],

@@ -9,7 +9,7 @@ from collections.abc import Iterable
 
 import torch
 
-from rayrl.config import GRPOConfig
+from rayrl.config import GRPOConfig, ResourcesConfig
 
 # veRL's bounds: exp() of a clamped log-ratio never overflows, and one token's KL term
 # cannot dominate a batch.
@@ -72,6 +72,20 @@ def aggregate(
     return per_seq.sum() / denom  # (1/G) sum_i ...
 
 
+def off_policy(g: GRPOConfig, r: ResourcesConfig) -> bool:
+    """Does the rollout sample from another policy than the learner's pi_old? One update
+    behind with async_steps, or another precision than the fp32 learner's."""
+    return g.async_steps > 0 or r.vllm_dtype != "float32"
+
+
+def is_weights(old_logp: torch.Tensor, rollout_logp: torch.Tensor, cap: float) -> torch.Tensor:
+    """Truncated importance weights w_t = min(pi_old / pi_rollout, cap) per token, no gradient.
+    1 where the rollout's log-prob is unknown (NaN)."""
+    known = rollout_logp.isfinite()
+    log_w = torch.where(known, old_logp - rollout_logp.nan_to_num(0.0), 0.0)
+    return torch.exp(log_w.clamp(max=LOG_RATIO_BOUND)).clamp(max=cap).detach()
+
+
 def grpo_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
@@ -80,11 +94,13 @@ def grpo_loss(
     mask: torch.Tensor,
     g: GRPOConfig,
     denom: float,
+    is_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Dual-clipped surrogate plus kl_coef times the KL estimate, aggregated by g.loss_agg.
 
     logp/old_logp/ref_logp/mask are [batch, time]; advantages is [batch]. Everything is
     computed under the mask: padding contributes exactly zero, whatever its log-probs.
+    is_weight (`is_weights`, [batch, time]) scales each token's policy-gradient term.
     Returns the loss and token sums of its statistics (plus the ratio's max), for the
     caller to divide by the batch's token count.
     """
@@ -99,6 +115,8 @@ def grpo_loss(
     pg_cap = -adv * g.clip_ratio_c
     dual = (adv < 0) & (pg > pg_cap)  # dual clip (Ye et al. 2020): for A < 0, at most -c A
     pg = torch.where(dual, pg_cap, pg)
+    w = torch.ones_like(pg) if is_weight is None else is_weight
+    pg = w * pg  # TIS: min(pi_old / pi_rollout, C) * the clipped surrogate
     kl = kl_penalty(logp, torch.where(on, ref_logp, logp), g.kl_estimator)
     per_token = torch.where(on, pg + g.kl_coef * kl, zero)
     loss = aggregate(per_token, mask, g.loss_agg, denom)
@@ -110,6 +128,9 @@ def grpo_loss(
             "clip_frac_dual": float((on & dual).sum()),
             "ratio_mean": float(torch.where(on, ratio, zero).sum()),
             "ratio_max": float(torch.where(on, ratio, zero).max()) if on.any() else 0.0,
+            "is_weight": float(torch.where(on, w, zero).sum()),
+            "is_weight_max": float(torch.where(on, w, zero).max()) if on.any() else 0.0,
+            "is_capped": float((on & (w >= g.is_cap)).sum()) if is_weight is not None else 0.0,
             "tokens": float(on.sum()),
         }
     return loss, stats
