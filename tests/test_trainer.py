@@ -27,17 +27,22 @@ def smoke(tmp_path, **overrides):
     return load_config(SMOKE, {"output_dir": str(tmp_path), **overrides})
 
 
-def hf_logprobs(state, model_dir, prompt, response):
+def hf_logprobs(state, model_dir, pairs):
+    """transformers' log-probs and greedy tokens of each (prompt, response), with `state` (the
+    learner's weights) loaded into the model of `model_dir` once."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     model.load_state_dict(state, strict=False)
     if model.config.tie_word_embeddings:
         model.tie_weights()
-    ids = torch.tensor([prompt + response])
-    with torch.no_grad():
-        logits = model(input_ids=ids).logits[0, len(prompt) - 1 : -1]
-    return token_logprobs(logits, ids[0, len(prompt) :]), logits.argmax(-1)
+    out = []
+    for prompt, response in pairs:
+        ids = torch.tensor([prompt + response])
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0, len(prompt) - 1 : -1]
+        out.append((token_logprobs(logits, ids[0, len(prompt) :]), logits.argmax(-1)))
+    return out
 
 
 @pytest.mark.vllm
@@ -61,8 +66,8 @@ def test_vllm_matches_the_deepspeed_learner_after_each_step(
             step_out = run.step(step)
             state = dict(run.learners.named_weights())
             outs = run.rollout.greedy(prompts, max_tokens=8)
-            for p, out in zip(prompts, outs):
-                logp, argmax = hf_logprobs(state, run.model_dir, p, list(out.token_ids))
+            pairs = [(p, list(out.token_ids)) for p, out in zip(prompts, outs)]
+            for out, (logp, argmax) in zip(outs, hf_logprobs(state, run.model_dir, pairs)):
                 assert argmax.tolist() == list(out.token_ids)  # greedy agrees token by token
                 torch.testing.assert_close(torch.tensor(out.logprobs), logp, atol=1e-4, rtol=0)
             current = [list(o.token_ids) for o in outs] + [o.logprobs for o in outs]
@@ -158,35 +163,41 @@ def test_a_warm_run_writes_what_a_cold_one_writes(ray_session, tmp_path):
 @pytest.mark.vllm
 def test_overlapped_steps_learn_one_update_stale_and_resume_exactly(ray_session, tmp_path):
     """grpo.async_steps 1: each step after an update learns from samples that vLLM drew with
-    the weights before it, weighted by TIS; a run stopped after its step-2 checkpoint and
-    resumed writes what the uninterrupted run wrote (the pending rollout is checkpointed)."""
+    the weights before it, weighted by TIS; a run stopped after a checkpoint and resumed
+    writes what the uninterrupted run wrote (the pending rollout is checkpointed)."""
     import rayrl.pools
     from rayrl.trainer import train
 
-    cfg = smoke(tmp_path, **{"grpo.async_steps": 1, "grpo.lr": 3e-3, "grpo.data_budget": 48})
-    spec = RunSpec("smoke-1", 4, 1, 0)
-
-    def stop_at_4(row):
-        if row["step"] == 4:  # recorded before step 4's checkpoint: step 2's is the last
-            raise SystemExit("stopped")  # as Tune stops a trial: the pools stay warm
+    every = {"grpo.eval_every": 1, "grpo.checkpoint_every": 1}  # a cut after any step
+    cfg = smoke(
+        tmp_path, **{"grpo.async_steps": 1, "grpo.lr": 1e-3, "grpo.data_budget": 48, **every}
+    )
+    spec = RunSpec("smoke-1", 8, 1, 0, family="instruct")  # groups of 8: few are flat
 
     try:
         train(cfg, spec, tmp_path / "whole", progress=False, warm=True)
+        steps = step_stats(tmp_path / "whole")
+        # Cut after a checkpoint whose step updated, so its pending rollout is really stale.
+        cut = next(c for c in range(1, 6) if steps[c - 1]["loss"] != 0)
+
+        def stop(row):
+            if row["step"] == cut + 1:  # recorded before its own checkpoint: `cut` is the last
+                raise SystemExit("stopped")  # as Tune stops a trial: the pools stay warm
+
         with pytest.raises(SystemExit):
-            train(cfg, spec, tmp_path / "cut", on_row=stop_at_4, progress=False, warm=True)
-        assert (tmp_path / "cut" / "checkpoints" / "step2" / "pending.pkl").exists()
+            train(cfg, spec, tmp_path / "cut", on_row=stop, progress=False, warm=True)
+        assert (tmp_path / "cut" / "checkpoints" / f"step{cut}" / "pending.pkl").exists()
         train(cfg, spec, tmp_path / "cut", resume=True, progress=False, warm=True)
     finally:
         if rayrl.pools._warm is not None:
             rayrl.pools.release(rayrl.pools._warm, warm=False)
             rayrl.pools._warm = None
     whole = read_metrics(tmp_path / "whole" / "metrics.parquet")
-    assert whole["step"].tolist() == [0, 2, 4, 6]
+    assert whole["step"].tolist() == list(range(7))
     pd.testing.assert_frame_equal(read_metrics(tmp_path / "cut" / "metrics.parquet"), whole)
-    steps = step_stats(tmp_path / "whole")
     assert step_stats(tmp_path / "cut") == steps
     updated = [s["loss"] != 0 for s in steps]
-    assert sum(updated[:-1]) >= 2
+    assert sum(updated[:-1]) >= 2, [(s["reward_mean"], s["flat_groups"]) for s in steps]
     assert [s["staleness"] for s in steps] == [0] + [int(u) for u in updated[:-1]]
     for s, stale in zip(steps, [False] + updated[:-1]):
         if not s["loss"]:

@@ -53,8 +53,8 @@ def test_zero3_shards_the_models_and_vllm_matches_hf_after_three_steps(ray_sessi
         state = dict(group.named_weights())
         after = pool.greedy(prompts, max_tokens=6)
         assert [s.logprobs for s in after] != [s.logprobs for s in before]
-        for p, out in zip(prompts, after):
-            logp, argmax = hf_logprobs(state, model_dir, p, list(out.token_ids))
+        pairs = [(p, list(out.token_ids)) for p, out in zip(prompts, after)]
+        for out, (logp, argmax) in zip(after, hf_logprobs(state, model_dir, pairs)):
             assert argmax.tolist() == list(out.token_ids)
             torch.testing.assert_close(torch.tensor(out.logprobs), logp, atol=1e-4, rtol=0)
     finally:
