@@ -37,6 +37,9 @@ REQUIRED = tuple(COLUMNS)
 OPTIONAL: dict[str, type] = {
     "test_loss_se": float,
     "compute_flops_all": float,  # C plus rollout generation and the pi_old / reference passes
+    # Share of held-out samples with an extractable answer: 1 - answer_rate of the loss is a
+    # format failure, the rest wrong answers (what a run learns, besides the format).
+    "answer_rate": float,
     "reward_mean": float,
     "response_len": float,
     "flat_groups": int,

@@ -267,6 +267,20 @@ def _intra_line(proto: dict[str, Any]) -> str:
     )
 
 
+def _answers(first: pd.Series, last: pd.Series) -> str:
+    """The answered share and the accuracy among answers, at a run's first and last rows."""
+    if pd.isna(first.get("answer_rate")) or pd.isna(last.get("answer_rate")):
+        return "n/a | n/a"  # a table from before answer_rate was logged
+
+    def accuracy(r: pd.Series) -> float:
+        return (1 - r["test_loss"]) / r["answer_rate"] if r["answer_rate"] > 0 else float("nan")
+
+    return (
+        f"{first['answer_rate']:.3f} → {last['answer_rate']:.3f} | "
+        f"{accuracy(first):.3f} → {accuracy(last):.3f}"
+    )
+
+
 def write_report(study_dir: Path) -> Path:
     """Write study_dir/report.md and its figures; returns the report's path."""
     from rayrl.scaling.commands import plan_command
@@ -295,14 +309,20 @@ def write_report(study_dir: Path) -> Path:
     lines += [
         "## Runs",
         "",
-        "| run | N | rollout n | tau | seed | steps | final test loss ± SE |",
-        "|---|---|---|---|---|---|---|",
+        "What a run learns: L = 1 - pass@1 splits into samples with no answer the verifier can"
+        " extract (1 - answered, the format) and wrong answers (1 - accuracy of the answers).",
+        "",
+        "| run | N | rollout n | tau | seed | steps | final test loss ± SE | answered, first → last |"
+        " accuracy of answers, first → last |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
+    first = df.sort_values("step").groupby("run_id").head(1).set_index("run_id")
     for _, r in final.sort_values(["n_params", "rollout_n", "reuse_factor", "seed"]).iterrows():
         stopped = " (stopped)" if r["run_id"] in sched["stopped"] else ""
         lines.append(
             f"| {r['run_id']}{stopped} | {r['n_params']:,} | {r['rollout_n']} | {r['reuse_factor']} | "
-            f"{r['seed']} | {r['step']} | {r['test_loss']:.3f} ± {r.get('test_loss_se', float('nan')):.3f} |"
+            f"{r['seed']} | {r['step']} | {r['test_loss']:.3f} ± {r.get('test_loss_se', float('nan')):.3f} | "
+            f"{_answers(first.loc[r['run_id']], r)} |"
         )
     lines += ["", "## Scaling laws: log L = -k(N)·log X + E(N), k(N) = k_max / (1 + N0/N)", ""]
     lines += [f"Fitted per family; fit.json status {fit_c['status']}.", ""]

@@ -61,6 +61,7 @@ class EvalResult:
     pass_at_1: float
     se: float  # standard error over problems of the per-problem pass rate
     problems: int
+    answered: float  # share of samples with an answer the verifier could extract
 
     @property
     def test_loss(self) -> float:
@@ -117,11 +118,13 @@ def evaluate(
     )
     verdicts = rewards.score(reward_items(rows, groups, tokenizer))
     per_problem = np.array([v.score for v in verdicts]).reshape(len(rows), g.eval_samples).mean(1)
+    answers = np.array([v.extracted is not None for v in verdicts]).reshape(len(rows), -1).mean(1)
     out, start = {}, 0
     for name, s in sets.items():
-        p, start = per_problem[start : start + len(s.rows)], start + len(s.rows)
+        i = slice(start, start + len(s.rows))
+        p, start = per_problem[i], i.stop
         se = float(p.std(ddof=1) / np.sqrt(len(p))) if len(p) > 1 else float("nan")
-        out[name] = EvalResult(float(p.mean()), se, len(p))
+        out[name] = EvalResult(float(p.mean()), se, len(p), float(answers[i].mean()))
     return out
 
 
@@ -372,6 +375,7 @@ class Run:
             **{benchmark_column(name): e.test_loss for name, e in ev.items()},
             **{benchmark_column(name) + "_se": e.se for name, e in ev.items()},
             "compute_flops_all": state["compute_all"],
+            "answer_rate": ev[HELD_OUT].answered,
             **{k: out[k] for k in ("reward_mean", "response_len", "flat_groups") if k in out},
         }
         self.metrics.append(row)

@@ -119,3 +119,29 @@ def test_saturation_is_not_identified_on_a_ladder_below_the_knee(tmp_path):
     identified, verdict = saturation(law["compute"])
     assert not identified and verdict.startswith("not identified: N0 = "), verdict
     assert f"- saturation of k(N) on compute: {verdict}." in report
+
+
+def test_runs_table_splits_the_loss_into_format_and_wrong_answers(tmp_path):
+    table = make_metrics(sizes=(0.5e9, 3e9), seeds=1, points=6, seed=2)
+    # answered rises from 0.5 to 1.0 over each run: the format, learnt
+    table["answer_rate"] = 0.5 + 0.5 * table["step"] / table.groupby("run_id")["step"].transform(
+        "max"
+    )
+    table.to_parquet(tmp_path / "metrics.parquet")
+    shutil.copy(ROOT / "configs" / "tiny.yaml", tmp_path / "config.yaml")
+
+    runs = write_report(tmp_path).read_text().split("## Runs")[1].split("## Scaling")[0]
+
+    ordered = table.sort_values("step").groupby("run_id")
+    for (run, first), (_, last) in zip(
+        ordered.head(1).groupby("run_id"), ordered.tail(1).groupby("run_id")
+    ):
+        first, last = first.iloc[0], last.iloc[0]
+        a0 = first["answer_rate"]
+        acc0, acc1 = (1 - first["test_loss"]) / a0, 1 - last["test_loss"]
+        row = next(line for line in runs.splitlines() if line.startswith(f"| {run} |"))
+        assert a0 < 1 and row.endswith(f"| {a0:.3f} → 1.000 | {acc0:.3f} → {acc1:.3f} |"), row
+
+    table.drop(columns="answer_rate").to_parquet(tmp_path / "metrics.parquet")
+    runs = write_report(tmp_path).read_text().split("## Runs")[1].split("## Scaling")[0]
+    assert runs.count("| n/a | n/a |") == table["run_id"].nunique()

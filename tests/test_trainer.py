@@ -17,7 +17,9 @@ import torch
 from rayrl.config import load_config
 from rayrl.learner.grpo import token_logprobs
 from rayrl.metrics import read_metrics
-from rayrl.trainer import HELD_OUT, Run, RunSpec
+from rayrl.rewards.synthetic import score_synthetic
+from rayrl.rollout.worker import Sample
+from rayrl.trainer import HELD_OUT, EvalSet, Run, RunSpec, evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "configs" / "smoke.yaml"
@@ -43,6 +45,35 @@ def hf_logprobs(state, model_dir, pairs):
             logits = model(input_ids=ids).logits[0, len(prompt) - 1 : -1]
         out.append((token_logprobs(logits, ids[0, len(prompt) :]), logits.argmax(-1)))
     return out
+
+
+def test_evaluation_splits_misses_into_no_answer_and_wrong_answer():
+    """Fakes for vLLM and the RewardPool: the responses are fixed, the scoring real."""
+    responses = {  # prompt token -> its two samples' texts; the answer is always 5
+        1: ["\\boxed{5}", "\\boxed{5}"],
+        2: ["\\boxed{5}", "5"],  # one right, one with no box: no answer
+        3: ["\\boxed{4}", "four"],  # one wrong, one unanswered
+    }
+
+    class Pool:
+        def generate(self, prompts, n, **_):
+            return [[Sample([p[0]], [0.0], "stop", "") for _ in range(n)] for p in prompts]
+
+    class Rewards:
+        def score(self, items):
+            return [score_synthetic(response, truth) for _, response, truth in items]
+
+    class Tokenizer:
+        def decode(self, ids, **_):
+            return responses[ids[0]].pop(0)
+
+    rows = [{"data_source": "synthetic", "reward_model": {"ground_truth": "5"}}] * 3
+    sets = {HELD_OUT: EvalSet(rows[:2], [[1], [2]]), "other": EvalSet(rows[2:], [[3]])}
+    g = load_config(SMOKE).grpo
+    g.eval_samples = 2
+    out = evaluate(Pool(), Rewards(), sets, Tokenizer(), g, seed=0)
+    assert (out[HELD_OUT].pass_at_1, out[HELD_OUT].answered) == (0.75, 0.75)
+    assert (out["other"].pass_at_1, out["other"].answered) == (0.0, 0.5)
 
 
 @pytest.mark.vllm
@@ -98,6 +129,9 @@ def test_killed_rollout_actor_is_replaced_without_losing_a_step(ray_session, tmp
         run.shutdown()
     metrics = pd.read_parquet(tmp_path / "run" / "metrics.parquet")
     assert metrics["step"].tolist() == [0, 2, 4, 6, 8]  # none missing, none duplicated
+    # a right answer is an answered one
+    assert (metrics["answer_rate"] >= 1 - metrics["test_loss"] - 1e-9).all()
+    assert metrics["answer_rate"].between(0, 1).all()
     # grpo.checkpoint_every = 2
     tags = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step*"))
     assert tags == ["step2", "step4", "step6", "step8"]
