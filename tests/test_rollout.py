@@ -120,6 +120,7 @@ def untied(ray_session, tmp_path_factory):
     pool.connect(learner)
     yield pool, learner
     pool.shutdown()
+    learner.sender.close()
 
 
 @pytest.fixture(scope="module")
@@ -131,6 +132,7 @@ def tied(ray_session, tmp_path_factory):
     pool.connect(learner)
     yield pool, learner
     pool.shutdown()
+    learner.sender.close()
 
 
 @pytest.mark.parametrize("which", ["untied", "tied"])

@@ -2,30 +2,35 @@
 
 from __future__ import annotations
 
+import gc
+import os
+import shutil
 import threading
 import time
 
 import pytest
 import torch
 
-from rayrl.rollout.sync import SyncGroup, WeightReceiver, WeightSender, host_store
+from rayrl.rollout import sync
+from rayrl.rollout.sync import SHM_DIR, SyncGroup, WeightReceiver, WeightSender, host_store
 
 
-def _tensors() -> list[tuple[str, torch.Tensor]]:
-    g = torch.Generator().manual_seed(0)
+def _tensors(big: int = 300) -> list[tuple[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(big)
     return [
         ("a.weight", torch.randn(7, 5, generator=g)),
         ("a.bias", torch.randn(3, generator=g).to(torch.bfloat16)),  # odd size: alignment
         ("b.scale", torch.tensor(2.5, dtype=torch.float64)),  # 0-dim
         ("b.index", torch.arange(11, dtype=torch.int64)),
         ("c.weight", torch.randn(6, 4, generator=g).t()),  # non-contiguous
-        ("d.big", torch.randn(300, generator=g)),  # larger than a small bucket
+        ("d.big", torch.randn(big, generator=g)),  # larger than a small bucket
     ]
 
 
-def _run(bucket_bytes: int, receivers: int = 2, syncs: int = 2):
+def _run(bucket_bytes: int, receivers: int = 2, syncs: int = 2, shm_dir: str = SHM_DIR):
     store = host_store("127.0.0.1")
-    group = SyncGroup("127.0.0.1", store.port, receivers + 1, group_name=f"t-{bucket_bytes}")
+    name = f"t-{bucket_bytes}-{bool(shm_dir)}"
+    group = SyncGroup("127.0.0.1", store.port, receivers + 1, group_name=name, shm_dir=shm_dir)
     got: list[list[list[tuple[str, torch.Tensor]]]] = [[] for _ in range(receivers)]
 
     def receive(rank: int) -> None:
@@ -38,25 +43,40 @@ def _run(bucket_bytes: int, receivers: int = 2, syncs: int = 2):
     for t in threads:
         t.start()
     sender = WeightSender.join(group, bucket_bytes=bucket_bytes)
-    stats = [sender.send(_tensors()) for _ in range(syncs)]
+    # Each sync a little larger: the sender must replace its bucket files, the receivers remap.
+    stats = [sender.send(_tensors(_big(i))) for i in range(syncs)]
     for t in threads:
         t.join(timeout=60)
+    transport = sender.transport
+    named = _ours(SHM_DIR)
     sender.close()
-    return stats, got
+    return stats, got, transport, named
 
 
+def _big(sync: int) -> int:
+    return 300 + 100 * sync
+
+
+def _ours(shm_dir: str) -> list[str]:
+    return [n for n in os.listdir(shm_dir) if n.startswith(f"rayrl-sync-{os.getpid()}-")]
+
+
+@pytest.mark.parametrize("shm_dir", [SHM_DIR, ""], ids=["shared-memory", "wire"])
 @pytest.mark.parametrize("bucket_bytes", [0, 256, 1 << 20])
-def test_buckets_round_trip(bucket_bytes):
-    stats, got = _run(bucket_bytes)
-    sent = _tensors()
+def test_buckets_round_trip(bucket_bytes, shm_dir):
+    stats, got, transport, named = _run(bucket_bytes, shm_dir=shm_dir)
+    # Threads share a node, so the probe must pick shared memory whenever it is offered.
+    assert transport == ("shared memory" if shm_dir else "gloo")
+    assert not named  # a finished sync leaves no names in tmpfs, only the mappings
     for per_rank in got:
         assert len(per_rank) == 2
-        for received in per_rank:
+        for i, received in enumerate(per_rank):
+            sent = _tensors(_big(i))
             assert [n for n, _ in received] == [n for n, _ in sent]
             for (_, a), (_, b) in zip(received, sent):
                 assert a.dtype == b.dtype and a.shape == b.shape
                 assert torch.equal(a, b)
-    s = stats[0]
+    s, sent = stats[0], _tensors()
     assert s.tensors == len(sent)
     assert s.bytes >= sum(t.numel() * t.element_size() for _, t in sent)
     if bucket_bytes == 0:
@@ -66,6 +86,20 @@ def test_buckets_round_trip(bucket_bytes):
     else:
         assert 1 < s.buckets < len(sent)
     assert set(s.metrics()) == {"sync_bytes", "sync_seconds", "sync_tensors", "sync_buckets"}
+
+
+def test_a_full_or_missing_shm_dir_falls_back_to_the_wire(monkeypatch, tmp_path):
+    _, got, transport, _ = _run(256, shm_dir=str(tmp_path / "absent"))
+    assert transport == "gloo"
+    # No room left: every bucket goes over the wire, the weights still arrive intact.
+    wired: list[str | None] = []
+    encode = sync._encode
+    monkeypatch.setattr(sync, "_encode", lambda m, p, d: wired.append(p) or encode(m, p, d))
+    monkeypatch.setattr(sync.shutil, "disk_usage", lambda _: shutil._ntuple_diskusage(1, 1, 0))
+    _, got, transport, _ = _run(256, shm_dir=str(tmp_path))
+    assert transport == "shared memory" and wired and set(wired) == {None}
+    for i, received in enumerate(got[0]):
+        assert all(torch.equal(a, b) for (_, a), (_, b) in zip(received, _tensors(_big(i))))
 
 
 def test_unknown_backend_names_the_field():
@@ -100,3 +134,12 @@ def test_a_lost_receiver_fails_the_sync_fast():
         t.join(timeout=60)
     assert 1 in errors
     assert time.perf_counter() - start < 30
+    assert not _ours(SHM_DIR)  # a failed sync leaves no bucket files behind
+
+
+def test_a_dropped_senders_files_go_with_it(tmp_path):
+    buckets = sync._SharedBuckets(str(tmp_path))
+    assert buckets.get(0, 64) is not None and len(list(tmp_path.iterdir())) == 1
+    del buckets
+    gc.collect()
+    assert not list(tmp_path.iterdir())

@@ -219,6 +219,8 @@ class Learner:
     def init_weight_sync(self, **kwargs: Any) -> None:
         from rayrl.rollout.sync import WeightSender
 
+        if self.sender is not None:  # a rebuilt rollout pool: drop the old group and its files
+            self.sender.close()
         self.sender = WeightSender(**kwargs)
 
     def sync_weights(self) -> Any:
