@@ -218,7 +218,7 @@ class Config:
     source: str = field(default="", metadata={"internal": True})  # the YAML file, for errors
 
     def trials(self) -> list[dict[str, Any]]:
-        """Every distinct trial of the study, in order, with the sweeps it belongs to."""
+        """Every distinct trial of the study, with the sweeps it belongs to, grouped by model."""
         st, g = self.study, self.grpo
         defaults = {"rollout_n": [g.rollout_n], "reuse_factor": [g.reuse_factor], "seeds": [g.seed]}
         out: dict[tuple, dict[str, Any]] = {}
@@ -237,7 +237,12 @@ class Config:
                     },
                 )
                 trial["sweeps"].append(sw.name)
-        return list(out.values())
+        # A model's trials run back to back, in order of first appearance: each switch of
+        # model rebuilds the vLLM engines.
+        first: dict[tuple[str, str], int] = {}
+        for t in out.values():
+            first.setdefault((t["model"], t["family"]), len(first))
+        return sorted(out.values(), key=lambda t: first[(t["model"], t["family"])])
 
     def resources_for(self, model: str, family: str | None = None) -> ResourcesConfig:
         """The pools one run of `model` gets: `resources` with the model's own overrides

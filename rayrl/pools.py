@@ -4,8 +4,9 @@ A study's trials run in Tune actors that Tune reuses for the next trial with the
 resources (`reuse_actors`). The pools a run started stay in that process (`release`), and
 the next run there takes them (`start_pools(..., warm=True)`): the learners rebuild their
 engines from the new run's base checkpoint with a fresh optimizer, on the same actors and
-process group; the rollout engines get those weights through the usual weight sync; the
-reward workers are stateless. A pool whose shape differs is rebuilt, alone. A run's rows
+process group; the rollout engines get those weights through the usual weight sync, and
+for another model rebuild in their own processes (RolloutWorker.reload); the reward workers
+are stateless. A pool whose shape differs is rebuilt, alone. A run's rows
 are the same cold or warm (tests/test_trainer.py).
 """
 
@@ -61,6 +62,11 @@ def pool_shapes(cfg: Config, model: str, family: str, model_dir: str) -> dict[st
     }
 
 
+def _bar_model(shape: dict[str, Any]) -> dict[str, Any]:
+    """The rollout pool's shape without its model: what a reload must keep."""
+    return {k: v for k, v in shape["rollout"].items() if k != "model_path"}
+
+
 def start_pools(
     cfg: Config,
     model: str,
@@ -82,15 +88,24 @@ def start_pools(
         old.shutdown()
         old = None
     same = {k: old is not None and old.shape[k] == v for k, v in shape.items()}
+    # Another model on rollout actors of the same shape: they rebuild their engines in place.
+    reload = old is not None and not same["rollout"] and _bar_model(old.shape) == _bar_model(shape)
     if old is not None:
-        log.info("warm pools: reusing %s", ", ".join(k for k, v in same.items() if v) or "none")
-        for k in (k for k, v in same.items() if not v):
+        log.info(
+            "warm pools: reusing %s%s",
+            ", ".join(k for k, v in same.items() if v) or "none",
+            "; reloading rollout" if reload else "",
+        )
+        for k in (k for k, v in same.items() if not v and not (k == "rollout" and reload)):
             getattr(old, k).shutdown()
     g, r = shape["learners"]
     # The vLLM engines build in the background while the learners and reward workers start.
-    rollout = (
-        old.rollout if same["rollout"] else RolloutPool(**shape["rollout"], seed=seed, name=name)
-    )
+    if same["rollout"] or reload:
+        rollout = old.rollout
+        if reload:
+            rollout.reload(model_dir, seed)
+    else:
+        rollout = RolloutPool(**shape["rollout"], seed=seed, name=name)
     if same["learners"]:
         learners = old.learners
         learners.reset(model_dir, rollout_n)

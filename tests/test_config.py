@@ -136,6 +136,8 @@ def test_sweeps_union_without_the_cross_product(tmp_path):
     shared = next(t for t in trials if (t["model"], t["reuse_factor"], t["seed"]) == ("a", 1, 0))
     assert shared["sweeps"] == ["size", "reuse"]
     assert all(t["rollout_n"] == 4 for t in trials)  # empty axis: the grpo value
+    # a's tau-4 trial runs next to a's others, not after b's: one engine build per model
+    assert [t["model"] for t in trials] == ["a", "a", "a", "b", "b"]
 
 
 def test_a_models_resources_override_the_study_wide_pools(tmp_path):

@@ -156,9 +156,9 @@ def step_stats(run_dir):
 @pytest.mark.vllm
 def test_a_warm_run_writes_what_a_cold_one_writes(ray_session, tmp_path):
     """Warm pools (rayrl.pools), as a study's reused Tune actor has them: after a run of
-    another model, rollout n and seed, the next run rebuilds only the vLLM engines; the one
-    after that, of the same model, reuses every actor. Both write the rows and step stats
-    of a cold start with the same seed."""
+    another model, rollout n and seed, the next run rebuilds only the vLLM engines, in the
+    same actors; the one after that, of the same model, reuses every engine. Both write the
+    rows and step stats of a cold start with the same seed."""
     import rayrl.pools
     from rayrl.trainer import train
 
@@ -168,6 +168,7 @@ def test_a_warm_run_writes_what_a_cold_one_writes(ray_session, tmp_path):
     def ids(pools):
         return {
             "rollout": [w._actor_id for w in pools.rollout.workers],
+            "engines": ray.get([w.engine.remote() for w in pools.rollout.workers]),
             "learners": [a._actor_id for a in pools.learners.actors],
             "rewards": [a._actor_id for a in pools.rewards.actors],
         }
@@ -183,8 +184,11 @@ def test_a_warm_run_writes_what_a_cold_one_writes(ray_session, tmp_path):
         if rayrl.pools._warm is not None:
             rayrl.pools.release(rayrl.pools._warm, warm=False)
             rayrl.pools._warm = None
-    assert warm["rollout"] != other["rollout"]  # another model: new engines
-    assert warm["learners"] == other["learners"] and warm["rewards"] == other["rewards"]
+    # Another model: new engines, built in place by the same actors.
+    assert {e["built"] for e in other["engines"]} == {1}
+    assert {e["built"] for e in warm["engines"]} == {2}
+    assert {e["model"] for e in warm["engines"]} != {e["model"] for e in other["engines"]}
+    assert all(warm[k] == other[k] for k in ("rollout", "learners", "rewards"))
     assert again == warm
     train(cfg, spec, tmp_path / "cold", progress=False)
     cold = read_metrics(tmp_path / "cold" / "metrics.parquet")

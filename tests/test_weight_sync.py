@@ -7,6 +7,7 @@ import os
 import shutil
 import threading
 import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -27,7 +28,13 @@ def _tensors(big: int = 300) -> list[tuple[str, torch.Tensor]]:
     ]
 
 
-def _run(bucket_bytes: int, receivers: int = 2, syncs: int = 2, shm_dir: str = SHM_DIR):
+def _run(
+    bucket_bytes: int,
+    receivers: int = 2,
+    syncs: int = 2,
+    shm_dir: str = SHM_DIR,
+    sender_shm_dir: str | None = None,
+):
     store = host_store("127.0.0.1")
     name = f"t-{bucket_bytes}-{bool(shm_dir)}"
     group = SyncGroup("127.0.0.1", store.port, receivers + 1, group_name=name, shm_dir=shm_dir)
@@ -42,7 +49,8 @@ def _run(bucket_bytes: int, receivers: int = 2, syncs: int = 2, shm_dir: str = S
     threads = [threading.Thread(target=receive, args=(r,)) for r in range(1, receivers + 1)]
     for t in threads:
         t.start()
-    sender = WeightSender.join(group, bucket_bytes=bucket_bytes)
+    sender_group = group if sender_shm_dir is None else replace(group, shm_dir=sender_shm_dir)
+    sender = WeightSender.join(sender_group, bucket_bytes=bucket_bytes)
     # Each sync a little larger: the sender must replace its bucket files, the receivers remap.
     stats = [sender.send(_tensors(_big(i))) for i in range(syncs)]
     for t in threads:
@@ -98,6 +106,14 @@ def test_a_full_or_missing_shm_dir_falls_back_to_the_wire(monkeypatch, tmp_path)
     monkeypatch.setattr(sync.shutil, "disk_usage", lambda _: shutil._ntuple_diskusage(1, 1, 0))
     _, got, transport, _ = _run(256, shm_dir=str(tmp_path))
     assert transport == "shared memory" and wired and set(wired) == {None}
+    for i, received in enumerate(got[0]):
+        assert all(torch.equal(a, b) for (_, a), (_, b) in zip(received, _tensors(_big(i))))
+
+
+def test_the_senders_shm_dir_decides_for_the_group():
+    # Receivers that offer shared memory follow a sender that keeps to the wire.
+    _, got, transport, _ = _run(256, sender_shm_dir="")
+    assert transport == "gloo"
     for i, received in enumerate(got[0]):
         assert all(torch.equal(a, b) for (_, a), (_, b) in zip(received, _tensors(_big(i))))
 

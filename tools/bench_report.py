@@ -56,15 +56,16 @@ def sync_rows(rollout: dict) -> list[list[str]]:
     rows = []
     for m in rollout["models"]:
         s = m["sync"]
-        b, t = s["bucketed"], s["per_tensor"]
+        b, w, t = s["bucketed"], s["wire"], s["per_tensor"]
         rows.append(
             [
                 f"weight sync {m['model']} ({b['bytes'] / 1e6:.1f} MB)",
-                f"bucketed {b['seconds']:.3f} s, {b['bytes_per_s'] / 1e9:.2f} GB/s "
-                f"({pct(b['share_of_memcpy'])} of memcpy)",
-                f"memcpy {s['memcpy_bytes_per_s'] / 1e9:.2f} GB/s; one-tensor-at-a-time "
+                f"bucketed, {b['transport']}: {b['seconds']:.3f} s, "
+                f"{b['bytes_per_s'] / 1e9:.2f} GB/s ({pct(b['share_of_memcpy'])} of memcpy)",
+                f"memcpy {s['memcpy_bytes_per_s'] / 1e9:.2f} GB/s; bucketed, {w['transport']}: "
+                f"{w['seconds']:.3f} s ({pct(w['share_of_memcpy'])}); one tensor at a time: "
                 f"{t['seconds']:.3f} s",
-                f"{s['bucketed_speedup']:.2f}x vs per-tensor",
+                f"{w['seconds'] / b['seconds']:.2f}x vs {w['transport']}",
                 "≥50% of memcpy: " + verdict(b["share_of_memcpy"] >= 0.5),
             ]
         )

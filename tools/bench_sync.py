@@ -11,17 +11,27 @@ from typing import Any
 
 import torch
 
-from rayrl.rollout.sync import DEFAULT_BUCKET_BYTES, SyncStats, WeightSender
+from rayrl.rollout.sync import DEFAULT_BUCKET_BYTES, SHM_DIR, SyncStats, WeightSender
+
+# label: (bucket bytes, the sender's shm_dir; "" keeps the buckets on the wire)
+VARIANTS = {
+    "bucketed": (DEFAULT_BUCKET_BYTES, SHM_DIR),  # the default: shared memory on one node
+    "wire": (DEFAULT_BUCKET_BYTES, ""),  # gloo over loopback, the cross-node path
+    "per_tensor": (0, ""),
+}
 
 
 class BenchLearner:
     """A Broadcaster that sends a fixed set of weights with a given bucket size."""
 
-    def __init__(self, weights: list[tuple[str, torch.Tensor]], bucket_bytes: int) -> None:
-        self.weights, self.bucket_bytes = weights, bucket_bytes
+    def __init__(
+        self, weights: list[tuple[str, torch.Tensor]], bucket_bytes: int, shm_dir: str
+    ) -> None:
+        self.weights, self.bucket_bytes, self.shm_dir = weights, bucket_bytes, shm_dir
         self.sender: WeightSender | None = None
 
     def init_weight_sync(self, **group: Any) -> None:
+        group["shm_dir"] = self.shm_dir  # the sender's probe decides for the whole group
         self.sender = WeightSender(**group, bucket_bytes=self.bucket_bytes)
 
     def sync_weights(self) -> SyncStats:
@@ -41,14 +51,15 @@ def memcpy_seconds(nbytes: int, repeats: int = 5) -> float:
 
 
 def measure_sync(pool: Any, model_path: str, syncs: int = 3) -> dict:
-    """Bucketed (64 MiB) and one-tensor-at-a-time syncs into a live pool; best of `syncs`."""
+    """Bucketed (64 MiB) syncs through shared memory and over the wire, and one tensor at a
+    time, into a live pool; best of `syncs`."""
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     weights = [(n, p.detach()) for n, p in hf.named_parameters()]
     out: dict[str, Any] = {}
-    for label, bucket in (("bucketed", DEFAULT_BUCKET_BYTES), ("per_tensor", 0)):
-        learner = BenchLearner(weights, bucket)
+    for label, (bucket, shm_dir) in VARIANTS.items():
+        learner = BenchLearner(weights, bucket, shm_dir)
         pool.connect(learner)
         pool.sync_weights()  # warm-up: first buffers, first loader pass
         runs = []
@@ -59,6 +70,7 @@ def measure_sync(pool: Any, model_path: str, syncs: int = 3) -> dict:
         wall, stats = min(runs, key=lambda r: r[0])
         learner.sender.close()
         out[label] = {
+            "transport": learner.sender.transport,
             "bytes": stats.bytes,
             "tensors": stats.tensors,
             "buckets": stats.buckets,
@@ -70,7 +82,6 @@ def measure_sync(pool: Any, model_path: str, syncs: int = 3) -> dict:
     copy = memcpy_seconds(nbytes)
     out["memcpy_seconds"] = round(copy, 5)
     out["memcpy_bytes_per_s"] = round(nbytes / copy)
-    for label in ("bucketed", "per_tensor"):
+    for label in VARIANTS:
         out[label]["share_of_memcpy"] = round(copy / out[label]["seconds"], 4)
-    out["bucketed_speedup"] = round(out["per_tensor"]["seconds"] / out["bucketed"]["seconds"], 3)
     return out

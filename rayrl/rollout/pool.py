@@ -93,6 +93,7 @@ class RolloutPool:
         # The engines build in the background while the caller starts its other pools;
         # connect() waits for them (wait_ready), and an earlier call queues behind the build.
         self.workers = [self._start(i) for i in range(num_workers)]
+        self._reloads: list[Any] = []  # engines rebuilding in place (reload)
         self._store: Any = None
         self._group: SyncGroup | None = None
         self._generation = 0  # a fresh store prefix per group
@@ -101,7 +102,17 @@ class RolloutPool:
 
     def wait_ready(self) -> None:
         """Block until every worker's engine is built; raises if one failed to build."""
-        ray.get([w.ready.remote() for w in self.workers])
+        reloads, self._reloads = self._reloads, []
+        ray.get(reloads + [w.ready.remote() for w in self.workers])
+
+    def reload(self, model_path: str, seed: int) -> None:
+        """Serve another model of the same pool shape: each worker builds its new engine in
+        its own process, in the background like a new pool's; connect() waits for them."""
+        self.model_path = self._engine_args["model_path"] = model_path
+        self._seed = seed
+        self._reloads = [w.reload.remote(model_path, seed + i) for i, w in enumerate(self.workers)]
+        self._group = self._broadcaster = None  # the old engines' sync group went with them
+        self._stale = False
 
     @property
     def sync_world_size(self) -> int:

@@ -100,13 +100,14 @@ class _Group:
             self.pg = dist.ProcessGroupNCCL(store, rank, group.world_size, options)
             self.device = torch.device("cuda", torch.cuda.current_device())
         # NCCL moves GPU memory faster than a host round trip would: shared memory is CPU only.
-        self.shared = group.backend == "gloo" and bool(group.shm_dir) and self._probe(group, rank)
+        # Every rank probes, so the sender's shm_dir alone decides ("" offers no file).
+        self.shared = group.backend == "gloo" and self._probe(group, rank)
 
     def _probe(self, group: SyncGroup, rank: int) -> bool:
         """Whether every rank sees a file the sender creates in group.shm_dir."""
         path = torch.zeros(_PROBE_BYTES, dtype=torch.uint8)
         probe = ""
-        if rank == 0 and os.path.isdir(group.shm_dir):
+        if rank == 0 and group.shm_dir and os.path.isdir(group.shm_dir):
             probe = os.path.join(group.shm_dir, f"rayrl-probe-{uuid.uuid4().hex}")
             open(probe, "wb").close()
             path[: len(probe)] = torch.frombuffer(bytearray(probe.encode()), dtype=torch.uint8)
