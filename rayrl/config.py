@@ -91,6 +91,9 @@ class DataConfig:
     # b?" in the paper's math template) or "calc" ("Calculate a + b. Give the final answer as
     # \boxed{number}.", for small chat models); see rayrl.data.synthetic.prompt_text
     prompt_style: Literal["compact", "math", "calc"] = "compact"
+    # The order of each pass over a run's prompts: easy to hard (the paper's curriculum), or
+    # shuffled once by the run's seed, so every stretch of a run holds every difficulty.
+    order: Literal["curriculum", "shuffled"] = "curriculum"
     seed: int = 0
 
 

@@ -175,7 +175,9 @@ class Run:
             name: EvalSet(rows, encode_prompts(rows, self.tokenizer, g.max_prompt_tokens))
             for name, rows in {HELD_OUT: task.test, **task.evals}.items()
         }
-        self.schedule = reuse_schedule(task.train, g.data_budget, spec.reuse_factor, spec.seed)
+        self.schedule = reuse_schedule(
+            task.train, g.data_budget, spec.reuse_factor, spec.seed, self.cfg.data.order
+        )
         # The schedule repeats its subset tau times: each distinct row is encoded once.
         unique = list({id(r): r for r in self.schedule}.values())
         encoded = encode_prompts(unique, self.tokenizer, g.max_prompt_tokens)

@@ -210,6 +210,25 @@ def test_reuse_schedule_repeats_one_ordered_subset_tau_times(pool: list[dict], t
     assert non_increasing([pass_rate(r) for r in passes[0]])
 
 
+def test_a_shuffled_schedule_mixes_difficulties_in_every_stretch(pool: list[dict]):
+    tau, unique = 4, BUDGET // 4
+    easy_first = reuse_schedule(pool, BUDGET, tau, seed=0)
+    shuffled = reuse_schedule(pool, BUDGET, tau, seed=0, order="shuffled")
+    assert [key(r) for r in shuffled] == [
+        key(r) for r in reuse_schedule(pool, BUDGET, tau, 0, "shuffled")
+    ]
+    assert sorted(map(key, shuffled[:unique])) == sorted(map(key, easy_first[:unique]))
+    assert all(shuffled[i] is shuffled[i % unique] for i in range(BUDGET))  # same order each pass
+    # The curriculum's last quarter is its hardest; a shuffled one is like the whole.
+    quarter = unique // 4
+    mean = lambda rows: sum(map(pass_rate, rows)) / len(rows)  # noqa: E731
+    whole = mean(shuffled[:unique])
+    assert mean(easy_first[unique - quarter : unique]) < whole - 0.1
+    assert abs(mean(shuffled[unique - quarter : unique]) - whole) < 0.05
+    with pytest.raises(ValueError, match="DataConfig.order"):
+        reuse_schedule(pool, BUDGET, tau, seed=0, order="random")
+
+
 @pytest.mark.parametrize("tau", [10, 50, 100])
 def test_reuse_subset_keeps_the_difficulty_distribution(pool: list[dict], guru_dir: Path, tau: int):
     unique = BUDGET // tau

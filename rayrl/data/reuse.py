@@ -2,7 +2,8 @@
 
 A run with data budget D_total and reuse factor tau trains on an independent random
 subset of D_total / tau prompts that keeps the pool's difficulty distribution, ordered
-easy to hard, and repeated tau times in that same order (never reshuffled).
+easy to hard (or shuffled once), and repeated tau times in that same order (never
+reshuffled).
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ from itertools import groupby
 from rayrl.data.curriculum import curriculum_order, pass_rate
 
 
-def reuse_schedule(rows: list[dict], data_budget: int, tau: int, seed: int) -> list[dict]:
-    """The D_total prompts one run trains on, in order."""
+def reuse_schedule(
+    rows: list[dict], data_budget: int, tau: int, seed: int, order: str = "curriculum"
+) -> list[dict]:
+    """The D_total prompts one run trains on, in order (DataConfig.order)."""
     if tau < 1 or data_budget < 1:
         raise ValueError(f"data budget and reuse factor must be >= 1, got {data_budget} and {tau}")
     if data_budget % tau:
@@ -24,8 +27,14 @@ def reuse_schedule(rows: list[dict], data_budget: int, tau: int, seed: int) -> l
         raise ValueError(
             f"data budget {data_budget} with tau={tau} needs {unique} unique prompts; the pool has {len(rows)}"
         )
-    subset = curriculum_order(stratified_sample(rows, unique, seed))
-    return subset * tau  # each pass in the same easy-to-hard order
+    subset = stratified_sample(rows, unique, seed)
+    if order == "curriculum":
+        subset = curriculum_order(subset)
+    elif order == "shuffled":
+        random.Random(seed).shuffle(subset)
+    else:
+        raise ValueError(f"DataConfig.order: expected 'curriculum' or 'shuffled', got {order!r}")
+    return subset * tau  # each pass in the same order
 
 
 def stratified_sample(rows: list[dict], k: int, seed: int) -> list[dict]:

@@ -110,7 +110,9 @@ class RolloutPool:
         its own process, in the background like a new pool's; connect() waits for them."""
         self.model_path = self._engine_args["model_path"] = model_path
         self._seed = seed
-        self._reloads = [w.reload.remote(model_path, seed + i) for i, w in enumerate(self.workers)]
+        self._reloads = [
+            w.reload.remote(**self._engine_args, seed=seed + i) for i, w in enumerate(self.workers)
+        ]
         self._group = self._broadcaster = None  # the old engines' sync group went with them
         self._stale = False
 

@@ -63,26 +63,6 @@ class RolloutWorker:
         seed: int = 0,
         enforce_eager: bool = True,
     ) -> None:
-        self._shape = dict(
-            tensor_parallel=tensor_parallel,
-            kv_cache_gib=kv_cache_gib,
-            dtype=dtype,
-            max_model_len=max_model_len,
-            enforce_eager=enforce_eager,
-        )
-        self.engines_built = 0
-        self._build(model_path, seed, **self._shape)
-
-    def _build(
-        self,
-        model_path: str,
-        seed: int,
-        tensor_parallel: int,
-        kv_cache_gib: float,
-        dtype: str,
-        max_model_len: int,
-        enforce_eager: bool,
-    ) -> None:
         from vllm import LLM  # only rollout actors import vLLM
         from vllm.platforms import current_platform
 
@@ -111,11 +91,12 @@ class RolloutWorker:
             worker_extension_cls=EXTENSION,
         )
         self.model_path = model_path
-        self.engines_built += 1
+        self.engines_built = getattr(self, "engines_built", 0) + 1
 
-    def reload(self, model_path: str, seed: int) -> None:
-        """Serve another model: a new engine in this process, which keeps its imports and
-        start-up (a model switch took about 10 s in a new actor here, 3-4 s in place)."""
+    def reload(self, **engine_args: Any) -> None:
+        """Serve another model: a new engine (the constructor's arguments) in this process,
+        which keeps its imports and start-up (a model switch took about 10 s in a new actor
+        here, 3-4 s in place)."""
         import gc
 
         from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
@@ -124,7 +105,7 @@ class RolloutWorker:
         del self.llm
         gc.collect()
         cleanup_dist_env_and_memory()  # the engine's world group, so the next one can form
-        self._build(model_path, seed, **self._shape)
+        self.__init__(**engine_args)
 
     def ready(self) -> bool:
         return True
