@@ -37,7 +37,11 @@ def test_report_shows_every_sizes_own_trend(tmp_path):
         assert cells[2].startswith(f"{law['k_hat'][i]:.4g} ± ")
         assert float(cells[4]) == round(law["r2_size"][i], 3)
     proto = fit["protocol"]
-    assert f"k predicted {proto['k_pred']:.3g}, observed {proto['k_obs']:.3g}" in report
+    lo, hi = proto["k_ci"]
+    assert (
+        f"k predicted {proto['k_pred']:.3g} (90% interval {lo:.3g} to {hi:.3g}), "
+        f"observed {proto['k_obs']:.3g}" in report
+    )
     # the intra-model check from each run's first quarter, and the saturation verdict
     intra = json.loads((tmp_path / "fit_intra.json").read_text())["families"]["synthetic"]
     assert intra["protocol"]["fit_fraction"] == 0.25
