@@ -40,13 +40,12 @@ class Pools:
 _warm: Pools | None = None  # the last run's pools in this process, for the next one
 
 
-def pool_shapes(cfg: Config, model: str, family: str, model_dir: str) -> dict[str, Any]:
-    """Each pool's constructor arguments that a warm pool must share (the learners rebuild
-    for any model and rollout n; a vLLM engine serves one model)."""
+def pool_shapes(cfg: Config, model: str, family: str) -> dict[str, Any]:
+    """Each pool's constructor arguments that a warm pool must share. None names the model:
+    the learners rebuild for any model and rollout n, the rollout engines reload in place."""
     g, r = cfg.grpo, cfg.resources_for(model, family)
     return {
         "rollout": dict(
-            model_path=model_dir,
             num_workers=r.rollout_workers,
             tensor_parallel=r.tensor_parallel,
             device=r.device,
@@ -62,11 +61,6 @@ def pool_shapes(cfg: Config, model: str, family: str, model_dir: str) -> dict[st
     }
 
 
-def _bar_model(shape: dict[str, Any]) -> dict[str, Any]:
-    """The rollout pool's shape without its model: what a reload must keep."""
-    return {k: v for k, v in shape["rollout"].items() if k != "model_path"}
-
-
 def start_pools(
     cfg: Config,
     model: str,
@@ -80,7 +74,7 @@ def start_pools(
     """The pools of a run of `model_dir`: with warm, the last released ones where their shape
     matches; new ones, started together, where not."""
     global _warm
-    shape = pool_shapes(cfg, model, family, model_dir)
+    shape = pool_shapes(cfg, model, family)
     old = None
     if warm:  # a cold run leaves the warm set alone
         old, _warm = _warm, None
@@ -88,24 +82,20 @@ def start_pools(
         old.shutdown()
         old = None
     same = {k: old is not None and old.shape[k] == v for k, v in shape.items()}
-    # Another model on rollout actors of the same shape: they rebuild their engines in place.
-    reload = old is not None and not same["rollout"] and _bar_model(old.shape) == _bar_model(shape)
     if old is not None:
-        log.info(
-            "warm pools: reusing %s%s",
-            ", ".join(k for k, v in same.items() if v) or "none",
-            "; reloading rollout" if reload else "",
-        )
-        for k in (k for k, v in same.items() if not v and not (k == "rollout" and reload)):
+        log.info("warm pools: reusing %s", ", ".join(k for k, v in same.items() if v) or "none")
+        for k in (k for k, v in same.items() if not v):
             getattr(old, k).shutdown()
     g, r = shape["learners"]
     # The vLLM engines build in the background while the learners and reward workers start.
-    if same["rollout"] or reload:
+    # Engines built now load the base weights; warm ones still hold the last run's.
+    stale = same["rollout"] and old.rollout.model_path == model_dir
+    if same["rollout"]:
         rollout = old.rollout
-        if reload:
+        if not stale:  # another model: new engines in the same actors
             rollout.reload(model_dir, seed)
     else:
-        rollout = RolloutPool(**shape["rollout"], seed=seed, name=name)
+        rollout = RolloutPool(model_dir, **shape["rollout"], seed=seed, name=name)
     if same["learners"]:
         learners = old.learners
         learners.reset(model_dir, rollout_n)
@@ -113,10 +103,10 @@ def start_pools(
         learners = LearnerGroup(model_dir, g, r, rollout_n)
     rewards = old.rewards if same["rewards"] else RewardPool(**shape["rewards"])
     learners.wait_ready()
-    if not (same["rollout"] and same["learners"]):
+    if not rollout.connected_to(learners):
         rollout.connect(learners)
-    if same["rollout"]:
-        rollout.sync_weights()  # the engines still hold the last run's weights
+    if stale:
+        rollout.sync_weights()
     return Pools(rollout, learners, rewards, shape)
 
 

@@ -145,13 +145,16 @@ def test_sync_matches_hf_over_training_steps(which, request):
         learner.step(seed=step)
         stale = pool.greedy(PROMPTS, MAX_TOKENS)
         assert [s.logprobs for s in stale] == [s.logprobs for s in before]  # not synced yet
+        start = time.perf_counter()
         stats = pool.sync_weights()
+        wall = time.perf_counter() - start
         after = pool.greedy(PROMPTS, MAX_TOKENS)
         diffs.append(assert_greedy(learner, after))
         moved.append(change(before, after))
         assert moved[-1] > 100 * LOGPROB_TOL  # the step moved the outputs well past the tolerance
         n_params = sum(1 for _ in learner.model.named_parameters())
         assert stats.tensors == n_params + (which == "tied")  # state_dict repeats lm_head
+        assert 0 < stats.load_seconds < wall  # vLLM's part of the sync
         if which == "tied":
             assert stats.buckets == stats.tensors
         else:

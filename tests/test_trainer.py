@@ -264,6 +264,71 @@ def test_a_prompt_over_max_prompt_tokens_fails_before_any_actor_starts(tmp_path,
     assert rayrl.pools._warm is warm_set
 
 
+class _Recorder:
+    """A stand-in pool that records what start_pools asks of it."""
+
+    def __init__(self, calls: list, model_path: str = "", *args, **kwargs) -> None:
+        self.calls, self.model_path, self.peer = calls, model_path, None
+        calls.append(("new", type(self).__name__, model_path))
+
+    def reload(self, model_path: str, seed: int) -> None:
+        self.calls.append(("reload", model_path))
+        self.model_path, self.peer = model_path, None
+
+    def connected_to(self, learners) -> bool:
+        return self.peer is learners
+
+    def connect(self, learners) -> None:
+        self.calls.append(("connect",))
+        self.peer = learners
+
+    def sync_weights(self) -> None:
+        self.calls.append(("sync",))
+
+    def reset(self, model_path: str, rollout_n: int) -> None:
+        self.calls.append(("reset", model_path))
+
+    def alive(self) -> bool:
+        return True
+
+    def wait_ready(self) -> None:
+        pass
+
+    def shutdown(self) -> None:
+        self.calls.append(("shutdown", type(self).__name__))
+
+
+def test_warm_pools_reload_connect_and_sync_only_where_the_engines_need_it(tmp_path, monkeypatch):
+    """Engines that still hold a finished run's weights get the base ones by a sync, even
+    when the learners are new; engines built or reloaded for the run load them themselves."""
+    import rayrl.pools
+
+    calls: list = []
+    for name in ("RolloutPool", "LearnerGroup", "RewardPool"):
+        fake = type(name, (_Recorder,), {})
+        monkeypatch.setattr(rayrl.pools, name, lambda *a, _f=fake, **k: _f(calls, *a, **k))
+    monkeypatch.setattr(rayrl.pools, "_warm", None)
+    cfg, other_lr = smoke(tmp_path), smoke(tmp_path, **{"grpo.lr": 3e-4})
+
+    def run(cfg, model_dir: str) -> list:
+        calls.clear()
+        pools = rayrl.pools.start_pools(cfg, "smoke-1", "base", model_dir, 4, 0, "r", warm=True)
+        rayrl.pools.release(pools, warm=True)
+        return list(calls)
+
+    assert ("sync",) not in run(cfg, "a")  # cold: the engines load model a
+    assert run(cfg, "a") == [("reset", "a"), ("sync",)]
+    # new learners (another learning rate) beside engines that hold the last run's weights
+    assert run(other_lr, "a") == [
+        ("shutdown", "LearnerGroup"),
+        ("new", "LearnerGroup", "a"),
+        ("connect",),
+        ("sync",),
+    ]
+    assert run(other_lr, "b") == [("reload", "b"), ("reset", "b"), ("connect",)]
+    rayrl.pools.release(rayrl.pools._warm, warm=False)
+
+
 @pytest.mark.e2e
 @pytest.mark.vllm
 def test_driver_killed_then_resume_recomputes_after_the_checkpoint(tmp_path):

@@ -93,7 +93,13 @@ def test_buckets_round_trip(bucket_bytes, shm_dir):
         assert s.buckets == 1
     else:
         assert 1 < s.buckets < len(sent)
-    assert set(s.metrics()) == {"sync_bytes", "sync_seconds", "sync_tensors", "sync_buckets"}
+    assert set(s.metrics()) == {
+        "sync_bytes",
+        "sync_seconds",
+        "sync_tensors",
+        "sync_buckets",
+        "sync_load_seconds",
+    }
 
 
 def test_a_full_or_missing_shm_dir_falls_back_to_the_wire(monkeypatch, tmp_path):

@@ -43,9 +43,10 @@ def random_model(name: str) -> BenchModel:
     return BenchModel(name, str(path), matmul_params(str(path)), trained=False)
 
 
-def ladder_model() -> BenchModel:
-    """The largest ladder model already built (tiny.yaml, else smoke.yaml); smoke-2 is built
-    if nothing is there, since building the tiny ladder takes longer than the whole suite."""
+def ladder_model(name: str | None = None) -> BenchModel:
+    """The ladder model `name`, else the largest one already built (tiny.yaml, else
+    smoke.yaml); smoke-2 is built if nothing is there, since building the tiny ladder takes
+    longer than the whole suite."""
     from rayrl.config import load_config
     from rayrl.models.ladder import _cached, ladder_dir, model_path
 
@@ -54,12 +55,14 @@ def ladder_model() -> BenchModel:
         cfg = load_config(cfg_path)
         for spec in cfg.ladder.models:
             entry = _cached(ladder_dir(cfg), cfg, spec)
-            if entry is not None:
+            if entry is not None and name in (None, spec.name):
                 found.append((entry.non_embedding_params, spec.name, entry.path))
     if found:
         _, name, path = max(found)
-    else:
+    elif name is None:
         name, path = "smoke-2", str(model_path(load_config(SMOKE), "smoke-2"))
+    else:
+        raise SystemExit(f"ladder model {name} is not built: rayrl models build configs/tiny.yaml")
     return BenchModel(name, path, matmul_params(path), trained=True)
 
 

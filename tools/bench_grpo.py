@@ -21,7 +21,14 @@ from types import SimpleNamespace
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_common import SMOKE, ladder_model, machine, random_model, write_json  # noqa: E402
+from bench_common import (  # noqa: E402
+    RANDOM_MODELS,
+    SMOKE,
+    ladder_model,
+    machine,
+    random_model,
+    write_json,
+)
 
 SETTINGS = dict(prompts=8, group=4, max_new_tokens=16, lr=1e-5, micro_batch=32)
 
@@ -216,13 +223,18 @@ def overlap(model, steps: int, out: Path) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    # "ladder" is the largest ladder model built; tiny-5 and the like name one
     ap.add_argument("--models", default="ladder,rand-25m")
     ap.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up step")
     ap.add_argument("--side", choices=["both", "rayrl", "trl", "overlap"], default="both")
     args = ap.parse_args()
     results = []
     for key in args.models.split(","):
-        model = ladder_model() if key == "ladder" else random_model(key)
+        model = (
+            random_model(key)
+            if key in RANDOM_MODELS
+            else ladder_model(None if key == "ladder" else key)
+        )
         with tempfile.TemporaryDirectory() as tmp:
             r = {"model": model.name, "matmul_params": model.matmul_params, **SETTINGS}
             r["steps"] = args.steps

@@ -61,7 +61,9 @@ def sync_rows(rollout: dict) -> list[list[str]]:
             [
                 f"weight sync {m['model']} ({b['bytes'] / 1e6:.1f} MB)",
                 f"bucketed, {b['transport']}: {b['seconds']:.3f} s, "
-                f"{b['bytes_per_s'] / 1e9:.2f} GB/s ({pct(b['share_of_memcpy'])} of memcpy)",
+                f"{b['bytes_per_s'] / 1e9:.2f} GB/s ({pct(b['share_of_memcpy'])} of memcpy), "
+                f"of which vLLM's reload {b['load_seconds']:.3f} s (alone "
+                f"{pct(b['load_share_of_memcpy'])} of memcpy)",
                 f"memcpy {s['memcpy_bytes_per_s'] / 1e9:.2f} GB/s; bucketed, {w['transport']}: "
                 f"{w['seconds']:.3f} s ({pct(w['share_of_memcpy'])}); one tensor at a time: "
                 f"{t['seconds']:.3f} s",
@@ -70,6 +72,22 @@ def sync_rows(rollout: dict) -> list[list[str]]:
             ]
         )
     return rows
+
+
+def bf16_rows(rollout: dict) -> list[list[str]]:
+    tune = rollout.get("tune") or {}
+    if "bf16" not in tune:
+        return []
+    b = tune["bf16"]
+    return [
+        [
+            f"rollout {tune['model']} bf16 ({tune['prompts']} prompts x {tune['n']}, pool 1x2)",
+            f"bf16 {b['bf16_tokens_per_s']:,.0f} tok/s",
+            f"fp32 {b['fp32_tokens_per_s']:,.0f} tok/s",
+            f"{b['ratio']:.2f}x",
+            "≥1.5x: " + verdict(b["ratio"] >= 1.5),
+        ]
+    ]
 
 
 def grpo_rows(grpo: dict) -> list[list[str]]:
@@ -139,7 +157,7 @@ def main() -> None:
     if rollout and peak:
         rows += rollout_rows(rollout, peak)
     if rollout:
-        rows += sync_rows(rollout)
+        rows += bf16_rows(rollout) + sync_rows(rollout)
     if grpo:
         rows += grpo_rows(grpo)
     if overlap:

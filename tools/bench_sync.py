@@ -76,6 +76,7 @@ def measure_sync(pool: Any, model_path: str, syncs: int = 3) -> dict:
             "buckets": stats.buckets,
             "send_seconds": round(stats.seconds, 4),
             "seconds": round(wall, 4),  # until every worker has loaded the weights
+            "load_seconds": round(stats.load_seconds, 4),  # vLLM's layerwise reload alone
             "bytes_per_s": round(stats.bytes / wall),
         }
     nbytes = out["bucketed"]["bytes"]
@@ -84,4 +85,6 @@ def measure_sync(pool: Any, model_path: str, syncs: int = 3) -> dict:
     out["memcpy_bytes_per_s"] = round(nbytes / copy)
     for label in VARIANTS:
         out[label]["share_of_memcpy"] = round(copy / out[label]["seconds"], 4)
+        # The most any transport could reach while vLLM's reload copies the weights in.
+        out[label]["load_share_of_memcpy"] = round(copy / out[label]["load_seconds"], 4)
     return out

@@ -35,6 +35,8 @@ VARIANTS: dict[str, tuple[dict, dict | None, dict]] = {
         {},
     ),
 }
+# The bf16 rollout against fp32 (issue 15): one engine on both cores, the same traffic.
+BF16_PAIR = ("pool 1x2 fp32", "pool 1x2 bf16")
 # The suite's default sweep; bind=auto and compile are opt-in (--tune NAME,...): auto
 # binding measured equal to nobind here, and compiling takes minutes on 2 shared cores.
 DEFAULT = [

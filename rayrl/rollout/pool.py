@@ -192,6 +192,10 @@ class RolloutPool:
         self._stale = False
         return self._group
 
+    def connected_to(self, broadcaster: Broadcaster) -> bool:
+        """Whether this pool's sync group with `broadcaster` stands (a reload drops it)."""
+        return self._group is not None and self._broadcaster is broadcaster
+
     def sync_weights(self) -> SyncStats:
         """Have the learner send its current weights to every worker; blocks until loaded."""
         if self._broadcaster is None:
@@ -204,19 +208,21 @@ class RolloutPool:
             refs = [w.receive_weights.remote() for w in self.workers]
             try:
                 stats = _resolve(self._broadcaster.sync_weights())
-                ray.get(refs)
+                loaded = ray.get(refs)
             except Exception:
                 dead = self._dead_workers()
                 if not dead:
                     raise
                 self._restart(dead)
                 continue
+            stats = dataclasses.replace(stats, load_seconds=max(c["load_seconds"] for c in loaded))
             log.info(
-                "weight sync: %d tensors, %.1f MB in %d buckets, %.3f s",
+                "weight sync: %d tensors, %.1f MB in %d buckets, %.3f s (vLLM's load %.3f s)",
                 stats.tensors,
                 stats.bytes / 1e6,
                 stats.buckets,
                 stats.seconds,
+                stats.load_seconds,
             )
             return stats
         raise RuntimeError("rollout workers kept dying during weight sync; gave up")

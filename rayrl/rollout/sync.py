@@ -64,12 +64,14 @@ class SyncGroup:
 
 @dataclass(frozen=True)
 class SyncStats:
-    """What one sync moved: payload bytes (no headers), wall seconds, tensors, buckets."""
+    """What one sync moved: payload bytes (no headers), wall seconds, tensors, buckets, and
+    the seconds the slowest vLLM worker spent loading them (the rollout pool fills it in)."""
 
     bytes: int
     seconds: float
     tensors: int
     buckets: int
+    load_seconds: float = 0.0
 
     def metrics(self) -> dict[str, float]:
         """Columns for a metrics row."""

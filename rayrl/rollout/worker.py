@@ -160,7 +160,7 @@ class RolloutWorker:
     def join_sync(self, group: SyncGroup, rank_offset: int) -> None:
         self.llm.collective_rpc("join_weight_sync", args=(group, rank_offset))
 
-    def receive_weights(self) -> dict[str, int]:
+    def receive_weights(self) -> dict[str, float]:
         counts = self.llm.collective_rpc("receive_weights")
         # Cached prefixes hold KV computed with the old weights.
         if not self.llm.reset_prefix_cache():

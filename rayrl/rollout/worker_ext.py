@@ -7,6 +7,7 @@ the engine and `self.reload_weights` is vLLM's in-place reload.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import torch
@@ -23,12 +24,14 @@ class WeightSyncExtension:
             self._weight_receiver.close()
         self._weight_receiver = WeightReceiver(group, rank_offset + self.rank)
 
-    def receive_weights(self) -> dict[str, int]:
-        """Receive one sync and load it; returns the tensors and bytes received."""
+    def receive_weights(self) -> dict[str, float]:
+        """Receive one sync and load it; returns the tensors and bytes received and the
+        seconds vLLM spent loading them (the sync's wall time less its waits on the sender)."""
         if self._weight_receiver is None:
             raise RuntimeError("receive_weights before join_weight_sync")
-        counts = {"tensors": 0, "bytes": 0}
+        counts = {"tensors": 0, "bytes": 0, "wait_seconds": 0.0}
         weights = _counted(self._weight_receiver.receive(), counts)
+        start = time.perf_counter()
         try:
             # Checkpoint-format load through vLLM's layerwise reload: each layer's
             # process_weights_after_loading runs again, so processed weights update too.
@@ -38,7 +41,8 @@ class WeightSyncExtension:
             for _ in weights:  # drain what the loader left, so every rank stays in step
                 pass
         self._retie_lm_head()
-        return counts
+        wait = counts.pop("wait_seconds")
+        return {**counts, "load_seconds": time.perf_counter() - start - wait}
 
     def _retie_lm_head(self) -> None:
         """A tied lm_head loads nothing of its own, so the reload puts back its old kernel
@@ -58,9 +62,16 @@ class WeightSyncExtension:
 
 
 def _counted(
-    weights: Iterator[tuple[str, torch.Tensor]], counts: dict[str, int]
+    weights: Iterator[tuple[str, torch.Tensor]], counts: dict[str, float]
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    for name, tensor in weights:
+    while True:
+        t0 = time.perf_counter()
+        try:
+            name, tensor = next(weights)
+        except StopIteration:
+            return
+        finally:  # time in the receiver: waiting for a bucket, mapping it, the end barrier
+            counts["wait_seconds"] += time.perf_counter() - t0
         counts["tensors"] += 1
         counts["bytes"] += tensor.numel() * tensor.element_size()
         yield name, tensor
