@@ -28,6 +28,10 @@ PROMPTS = [[5, 6, 7, 8], [40, 41, 42], [70, 12, 33, 9, 21], [3], [60, 61, 62, 63
 PROMPTS.append([10 + i % 80 for i in range(150)])  # spans full KV blocks: prefix caching
 MAX_TOKENS = 12
 LOGPROB_TOL = 1e-4  # float32 on both sides; measured 5e-7
+# A bf16 engine against the fp32 learner: weights and activations rounded to 8 mantissa
+# bits. Never taken as the learner's log-probs (pi_old comes from the learner); the
+# truncated IS weight covers the gap. Measured 0.009 on this test's model.
+BF16_LOGPROB_TOL = 0.05
 STEPS = 3
 
 
@@ -68,13 +72,17 @@ class Learner:
         self.opt.zero_grad()
         self.model.eval()
 
-    @torch.no_grad()
     def score(self, prompt: list[int], tokens: list[int], temperature: float = 1.0):
-        """(log-probs of tokens, argmax at each position) with prompt + tokens teacher-forced."""
-        logits = self.model(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1 : -1]
-        logprobs = torch.log_softmax(logits / temperature, dim=-1)
-        picked = logprobs[torch.arange(len(tokens)), torch.tensor(tokens)]
-        return picked, logits.argmax(-1)
+        return score(self.model, prompt, tokens, temperature)
+
+
+@torch.no_grad()
+def score(model, prompt: list[int], tokens: list[int], temperature: float = 1.0):
+    """(log-probs of tokens, argmax at each position) with prompt + tokens teacher-forced."""
+    logits = model(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1 : -1]
+    logprobs = torch.log_softmax(logits / temperature, dim=-1)
+    picked = logprobs[torch.arange(len(tokens)), torch.tensor(tokens)]
+    return picked, logits.argmax(-1)
 
 
 def assert_matches(learner: Learner, samples: list[Sample], temperature: float = 1.0) -> float:
@@ -162,6 +170,40 @@ def test_sync_matches_hf_over_training_steps(which, request):
         before = after
     print(f"\n{which}: max |logprob diff| vs HF {diffs}; change per step {moved}")
     print(f"syncs {learner.syncs}")
+
+
+def test_a_bf16_engine_tracks_the_fp32_learner_within_its_own_tolerance(ray_session, tmp_path):
+    """After each sync a bfloat16 engine samples what the fp32 learner scores, to within
+    BF16_LOGPROB_TOL: further than fp32's LOGPROB_TOL (it runs bf16), far nearer than the
+    weights before the step (the sync landed)."""
+    import copy
+
+    path = build(tmp_path, tied=False)
+    pool = RolloutPool(
+        str(path), num_workers=1, kv_cache_gib=0.25, max_model_len=256, dtype="bfloat16"
+    )
+    learner = Learner(path, bucket_bytes=64 << 10, send_state_dict=False)
+    try:
+        pool.connect(learner)
+        for step in range(2):
+            before = copy.deepcopy(learner.model)
+            learner.step(seed=step)
+            pool.sync_weights()
+            groups = pool.generate(PROMPTS, n=2, temperature=1.0, max_tokens=MAX_TOKENS, seed=3)
+            diffs = {"now": 0.0, "stale": 0.0}
+            for prompt, group in zip(PROMPTS, groups):
+                for s in group:
+                    got = torch.tensor(s.logprobs)
+                    for model, worst in ((learner.model, "now"), (before, "stale")):
+                        diff = (score(model, prompt, s.token_ids)[0] - got).abs().max().item()
+                        diffs[worst] = max(diffs[worst], diff)
+            print(f"\nbf16 step {step}: max |logprob diff| {diffs}")
+            assert LOGPROB_TOL < diffs["now"] < BF16_LOGPROB_TOL
+            assert diffs["stale"] > 10 * BF16_LOGPROB_TOL
+    finally:
+        pool.shutdown()
+        if learner.sender is not None:
+            learner.sender.close()
 
 
 def test_sampled_logprobs_are_the_tempered_distribution(untied):

@@ -74,7 +74,9 @@ def main() -> None:
         "intra_protocol_seconds": intra_s,
         "compare_forms_seconds": compare_s,
         "fit_command_seconds": command_s,
-        "figures": summary["figures"],
+        # Per family, and across families when there are two or more.
+        "figures": [f for fam in summary["families"].values() for f in fam.get("figures", [])]
+        + summary.get("figures", []),
         "recovery": {
             "k_max_true": k_max,
             "k_max": fit.k_max,

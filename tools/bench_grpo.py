@@ -62,6 +62,9 @@ def config(model, out: Path, async_steps: int = 0, cpus: float = 2):
         "grpo.max_prompt_tokens": 32,
         "grpo.lr": s["lr"],
         "grpo.micro_batch": s["micro_batch"],
+        # One optimizer update per step, as TRL's (one generation batch, num_iterations 1);
+        # the paper's 4 mini-batches made rayrl's step four updates against TRL's one.
+        "grpo.mini_batches": 1,
         "grpo.data_budget": 64,
         # One vLLM worker with both cores (bench_rollout's best), learner the same; one
         # core each for the overlap, which runs them side by side.
