@@ -4,6 +4,9 @@ size, lengths, learning rate and number of steps, on the synthetic task.
 
     .venv/bin/python tools/bench_grpo.py [--models ladder,rand-25m] [--steps 3]
 
+A model may carry its own step count, as in --models tiny-5:16,rand-25m: a 0.1 s step needs
+more of them than a 4 s one for a steady mean.
+
 --side overlap instead times rayrl's loop with grpo.async_steps 0 and 1 (each actor on one
 core, so the two phases can overlap) and sets the speed-up against its bound,
 (gen + learn + sync) / max(gen, learn + sync), from the synchronous run's own split.
@@ -50,7 +53,7 @@ class DenseRewards:
         pass
 
 
-def config(model, out: Path, async_steps: int = 0, cpus: float = 2):
+def config(model, out: Path, async_steps: int = 0, cpus: float = 2, steps: int = 6):
     from rayrl.config import load_config
 
     s = SETTINGS
@@ -65,7 +68,8 @@ def config(model, out: Path, async_steps: int = 0, cpus: float = 2):
         # One optimizer update per step, as TRL's (one generation batch, num_iterations 1);
         # the paper's 4 mini-batches made rayrl's step four updates against TRL's one.
         "grpo.mini_batches": 1,
-        "grpo.data_budget": 64,
+        # The timed steps, the warm-up and one more: the last timed step still overlaps.
+        "grpo.data_budget": s["prompts"] * (steps + 2),
         # One vLLM worker with both cores (bench_rollout's best), learner the same; one
         # core each for the overlap, which runs them side by side.
         "resources.cpus_per_actor": cpus,
@@ -87,7 +91,7 @@ def rayrl_steps(model, steps: int, out: Path, async_steps: int = 0, cpus: float 
     # 2 (vLLM) + 2 (learner) + 0.5 (reward) logical CPUs: the phases take turns on the
     # 2 cores, so the slots may add up to more than the machine.
     ray.init(num_cpus=5, include_dashboard=False, log_to_driver=False)
-    cfg = config(model, out, async_steps, cpus)
+    cfg = config(model, out, async_steps, cpus, steps)
     t0 = time.perf_counter()
     run = Run(cfg, RunSpec(model.name, SETTINGS["group"], 1, 0), out / f"rayrl-{async_steps}")
     setup = time.perf_counter() - t0
@@ -130,7 +134,7 @@ def trl_steps(model, steps: int, out: Path) -> dict:
     from rayrl.rewards import score
 
     s = SETTINGS
-    cfg = config(model, out)
+    cfg = config(model, out, steps=steps)
     tok = AutoTokenizer.from_pretrained(model.path)
     rows = load_task(cfg).train[: s["prompts"] * (steps + 1)]
     data = Dataset.from_list(
@@ -232,7 +236,9 @@ def main() -> None:
     ap.add_argument("--side", choices=["both", "rayrl", "trl", "overlap"], default="both")
     args = ap.parse_args()
     results = []
-    for key in args.models.split(","):
+    for entry in args.models.split(","):
+        key, _, own_steps = entry.partition(":")
+        steps = int(own_steps or args.steps)
         model = (
             random_model(key)
             if key in RANDOM_MODELS
@@ -240,16 +246,16 @@ def main() -> None:
         )
         with tempfile.TemporaryDirectory() as tmp:
             r = {"model": model.name, "matmul_params": model.matmul_params, **SETTINGS}
-            r["steps"] = args.steps
+            r["steps"] = steps
             if args.side == "overlap":
                 print(f"[grpo] {model.name}: overlap", flush=True)
-                r["overlap"] = overlap(model, args.steps, Path(tmp))
+                r["overlap"] = overlap(model, steps, Path(tmp))
             if args.side in ("both", "rayrl"):
                 print(f"[grpo] {model.name}: rayrl", flush=True)
-                r["rayrl"] = rayrl_steps(model, args.steps, Path(tmp))
+                r["rayrl"] = rayrl_steps(model, steps, Path(tmp))
             if args.side in ("both", "trl"):
                 print(f"[grpo] {model.name}: trl", flush=True)
-                r["trl"] = trl_steps(model, args.steps, Path(tmp))
+                r["trl"] = trl_steps(model, steps, Path(tmp))
             if "rayrl" in r and "trl" in r:
                 r["ratio_trl_over_rayrl"] = round(
                     r["trl"]["seconds_per_step"] / r["rayrl"]["seconds_per_step"], 3
