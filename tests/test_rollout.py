@@ -6,6 +6,7 @@ AdamW steps on an HF Qwen2 and broadcasts the weights with WeightSender.
 
 from __future__ import annotations
 
+import copy
 import time
 from pathlib import Path
 
@@ -72,9 +73,6 @@ class Learner:
         self.opt.zero_grad()
         self.model.eval()
 
-    def score(self, prompt: list[int], tokens: list[int], temperature: float = 1.0):
-        return score(self.model, prompt, tokens, temperature)
-
 
 @torch.no_grad()
 def score(model, prompt: list[int], tokens: list[int], temperature: float = 1.0):
@@ -90,7 +88,7 @@ def assert_matches(learner: Learner, samples: list[Sample], temperature: float =
     worst = 0.0
     for prompt, s in zip(PROMPTS, samples):
         assert len(s.token_ids) == len(s.logprobs) > 0
-        hf_logprobs, _ = learner.score(prompt, s.token_ids, temperature)
+        hf_logprobs, _ = score(learner.model, prompt, s.token_ids, temperature)
         worst = max(worst, (hf_logprobs - torch.tensor(s.logprobs)).abs().max().item())
     assert worst < LOGPROB_TOL, worst
     return worst
@@ -98,7 +96,7 @@ def assert_matches(learner: Learner, samples: list[Sample], temperature: float =
 
 def assert_greedy(learner: Learner, samples: list[Sample]) -> float:
     for prompt, s in zip(PROMPTS, samples):
-        _, hf_argmax = learner.score(prompt, s.token_ids)
+        _, hf_argmax = score(learner.model, prompt, s.token_ids)
         assert s.token_ids == hf_argmax.tolist()  # teacher-forced argmax = HF greedy path
     return assert_matches(learner, samples)
 
@@ -176,8 +174,6 @@ def test_a_bf16_engine_tracks_the_fp32_learner_within_its_own_tolerance(ray_sess
     """After each sync a bfloat16 engine samples what the fp32 learner scores, to within
     BF16_LOGPROB_TOL: further than fp32's LOGPROB_TOL (it runs bf16), far nearer than the
     weights before the step (the sync landed)."""
-    import copy
-
     path = build(tmp_path, tied=False)
     pool = RolloutPool(
         str(path), num_workers=1, kv_cache_gib=0.25, max_model_len=256, dtype="bfloat16"
@@ -284,7 +280,7 @@ def test_seeded_prompts_longer_than_a_prefill_step_sample_reproducibly(untied):
     assert len({tuple(s.token_ids) for g in first for s in g}) > 1  # sampled, not greedy
     for prompt, group in zip(prompts[:3], first):
         for s in group:
-            hf_logprobs, _ = learner.score(prompt, s.token_ids)
+            hf_logprobs, _ = score(learner.model, prompt, s.token_ids)
             assert (hf_logprobs - torch.tensor(s.logprobs)).abs().max().item() < LOGPROB_TOL
 
 
