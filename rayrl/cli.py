@@ -1,4 +1,4 @@
-"""`rayrl <verb>`: models, train, study, fit, plan, eval, report."""
+"""`rayrl <verb>`: config, models, train, study, fit, plan, report."""
 
 from __future__ import annotations
 
@@ -10,8 +10,14 @@ from pathlib import Path
 from typing import Any
 
 from rayrl.config import Config, ConfigError, load_config
+from rayrl.metrics import AXES
+from rayrl.scaling.bootstrap import N_BOOT
 
 SET_HELP = "override a config key, e.g. --set grpo.data_budget=32 (repeatable; YAML values)"
+
+
+class FitFailed(RuntimeError):
+    """A verb that ran but produced no law or no plan: exit 1, after its message."""
 
 
 def _init_ray(
@@ -27,11 +33,12 @@ def _init_ray(
     import ray
 
     from rayrl.study import run_cpus
+    from rayrl.study.dryrun import connect
 
     per_run = run_cpus(cfg, models)
     if not ray.is_initialized():
         if os.environ.get("RAY_ADDRESS"):
-            ray.init(log_to_driver=False)
+            connect()
         else:
             cpus = num_cpus or max(os.cpu_count() or 1, math.ceil(per_run * runs))
             ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
@@ -53,15 +60,35 @@ def _overrides(pairs: list[str]) -> dict[str, Any]:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set: expected KEY=VALUE (e.g. grpo.data_budget=32), got {pair!r}")
-        out[key] = yaml.safe_load(value)
+        try:
+            out[key] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {key}: the value is not valid YAML ({e})") from None
     return out
+
+
+def _config(args: argparse.Namespace, **flags: Any) -> Config:
+    """The config file with --set and the verb's own flags as overrides, validated: a flag
+    is an override like any other, never a value set after validation."""
+    overrides = _overrides(args.set)
+    overrides.update({k: v for k, v in flags.items() if v is not None})
+    return load_config(args.config, overrides)
+
+
+def cmd_config(args: argparse.Namespace) -> None:
+    import dataclasses
+
+    import yaml
+
+    raw = dataclasses.asdict(_config(args))
+    raw.pop("source")
+    print(yaml.safe_dump(raw, sort_keys=False), end="")
 
 
 def cmd_models(args: argparse.Namespace) -> None:
     from rayrl.models.ladder import build_ladder, format_table
 
-    cfg = load_config(args.config, _overrides(args.set))
-    print(format_table(build_ladder(cfg, progress=True)))
+    print(format_table(build_ladder(_config(args), progress=True)))
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
@@ -74,9 +101,17 @@ def cmd_convert(args: argparse.Namespace) -> None:
 def cmd_train(args: argparse.Namespace) -> None:
     from rayrl.models.convert import is_gguf
     from rayrl.models.external import add_model, check_model_dir, check_models
-    from rayrl.trainer import RunSpec, train
+    from rayrl.trainer import train
+    from rayrl.trial import Trial
 
-    cfg = load_config(args.config, _overrides(args.set))
+    cfg = _config(
+        args,
+        **{
+            "grpo.rollout_n": args.rollout_n,
+            "grpo.reuse_factor": args.reuse_factor,
+            "grpo.seed": args.seed,
+        },
+    )
     # Default: the middle model of the study grid.
     model = args.model or (
         cfg.study.models[len(cfg.study.models) // 2] if cfg.study.models else None
@@ -97,16 +132,11 @@ def cmd_train(args: argparse.Namespace) -> None:
         family = args.family or "base"
         check_model_dir(cfg, model, "--model")
         model = add_model(cfg, model, family)
-    spec = RunSpec(
-        model=model,
-        rollout_n=args.rollout_n or cfg.grpo.rollout_n,
-        reuse_factor=args.reuse_factor or cfg.grpo.reuse_factor,
-        seed=cfg.grpo.seed if args.seed is None else args.seed,
-        family=family,
-    )
-    _init_ray(cfg, args.num_cpus, models=[(spec.model, spec.family)])
+    g = cfg.grpo
+    trial = Trial(model, family, g.rollout_n, g.reuse_factor, g.seed)
+    _init_ray(cfg, args.num_cpus, models=[(trial.model, trial.family)])
     run_dir = Path(args.out) if args.out else None
-    out = train(cfg, spec, run_dir, resume=args.resume)
+    out = train(cfg, trial, run_dir, resume=args.resume)
     print(f"run written to {out}")
 
 
@@ -114,53 +144,90 @@ def cmd_study(args: argparse.Namespace) -> None:
     from rayrl.models.external import check_models
     from rayrl.study import run_study
 
-    cfg = load_config(args.config, _overrides(args.set))
+    cfg = _config(args)
     if args.dry_run:  # the models live on the cluster's volume, so no check_models here
-        from rayrl.dryrun import dry_run
+        from rayrl.study.dryrun import dry_run
 
         dry_run(cfg, placement_timeout_s=args.placement_timeout)
         return
-    check_models(cfg, sorted({(t["model"], t["family"]) for t in cfg.trials()}))
+    if args.no_scheduler:
+        cfg.study.scheduler = False
+    check_models(cfg, sorted({(t.model, t.family) for t in cfg.trials()}))
+    out_dir = Path(args.out or cfg.output_dir)
+    from rayrl.study.resume import check_resume
+
+    check_resume(cfg, out_dir, restart_changed=args.restart_changed)  # before Ray starts
     _init_ray(cfg, args.num_cpus, runs=cfg.study.max_concurrent)
-    out = run_study(cfg, scheduler=not args.no_scheduler, out_dir=args.out)
-    print(f"study written to {out}")
+    print(f"study written to {run_study(cfg, out_dir=str(out_dir))}")
 
 
 def cmd_fit(args: argparse.Namespace) -> None:
-    from rayrl.scaling.commands import fit_command
+    from rayrl.scaling.document import fit_command
 
+    if args.n_boot < 0:
+        raise ConfigError(f"--n-boot: expected 0 (no intervals) or more draws, got {args.n_boot}")
+    if not 0 < args.fit_fraction < 1:
+        raise ConfigError(f"--fit-fraction: expected a share in (0, 1), got {args.fit_fraction}")
     kwargs = {k: v for k, v in vars(args).items() if k not in ("verb", "func")}
     summary = fit_command(**kwargs)
     for name, fam in summary["families"].items():
         print(f"{name}: {fam['status']}" + "".join(f", {a}-axis law" for a in fam["laws"]))
+        for w in fam.get("warnings", []):
+            print(f"  warning: {w}")
     print(f"fit written to {args.out}")
+    if not any(fam["laws"] for fam in summary["families"].values()):
+        raise FitFailed(
+            f"{args.metrics}: no law could be fitted ("
+            + "; ".join(f"{n}: {f.get('error', f['status'])}" for n, f in summary["families"].items())
+            + ")"
+        )
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
-    from rayrl.scaling.commands import plan_command
+    from rayrl.scaling.document import plan_command
 
-    print(plan_command(args.fit, compute_budget=args.compute_budget, data_budget=args.data_budget))
+    text, planned = plan_command(
+        args.fit_json, args.compute_budget, args.data_budget, family=args.family
+    )
+    print(text)
+    if not planned:
+        raise FitFailed(f"{args.fit_json}: no plan for the budgets given")
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    from rayrl.report import write_report
+    from rayrl.study import write_report
 
     print(f"report written to {write_report(Path(args.study_dir))}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    from rayrl.scaling.commands import add_arguments_fit
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
 
+    try:
+        return version("rayrl")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rayrl", description=__doc__)
+    p.add_argument("--version", action="version", version=f"rayrl {_version()}")
     sub = p.add_subparsers(dest="verb", required=True)
+
+    def config_args(q: argparse.ArgumentParser) -> None:
+        q.add_argument("config", help="a YAML config (see configs/)")
+        q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
+
+    cf = sub.add_parser("config", help="print the resolved config (file, --set overrides, defaults)")
+    config_args(cf)
+    cf.set_defaults(func=cmd_config)
 
     m = sub.add_parser("models", help="the tiny model ladder")
     msub = m.add_subparsers(dest="action", required=True)
     b = msub.add_parser(
         "build", help="build (or reuse the cache of) the ladder and print its table"
     )
-    b.add_argument("config")
-    b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
+    config_args(b)
     b.set_defaults(func=cmd_models)
     c = msub.add_parser(
         "convert", help="convert a GGUF (llama.cpp) checkpoint into an HF model directory"
@@ -170,24 +237,36 @@ def main(argv: list[str] | None = None) -> int:
     c.set_defaults(func=cmd_convert)
 
     t = sub.add_parser("train", help="one GRPO run")
-    t.add_argument("config")
+    config_args(t)
     t.add_argument("--model", help="ladder.models name, HF model directory or .gguf file")
     t.add_argument("--family", help="base or instruct (default: the listed model's, else base)")
-    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
-    t.add_argument("--rollout-n", type=int)
-    t.add_argument("--reuse-factor", type=int)
-    t.add_argument("--seed", type=int)
+    t.add_argument("--rollout-n", type=int, help="samples per prompt (= --set grpo.rollout_n=N)")
+    t.add_argument(
+        "--reuse-factor", type=int, help="data reuse tau (= --set grpo.reuse_factor=TAU)"
+    )
+    t.add_argument("--seed", type=int, help="the run's seed (= --set grpo.seed=S)")
     t.add_argument("--out", help="run directory (default: OUTPUT_DIR/RUN_ID)")
     t.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
-    t.add_argument("--num-cpus", type=int)
+    t.add_argument(
+        "--num-cpus", type=int, help="logical CPUs of a local Ray (default: what a run needs)"
+    )
     t.set_defaults(func=cmd_train)
 
     s = sub.add_parser("study", help="the Tune search over model size x rollout n x reuse factor")
-    s.add_argument("config")
+    config_args(s)
     s.add_argument("--out", help="study directory (default: OUTPUT_DIR)")
-    s.add_argument("--no-scheduler", action="store_true", help="run every trial to the end")
-    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
-    s.add_argument("--num-cpus", type=int)
+    s.add_argument(
+        "--no-scheduler", action="store_true", help="run every trial to the end (study.scheduler)"
+    )
+    s.add_argument(
+        "--restart-changed",
+        action="store_true",
+        help="resume a study whose config changed in a key that changes runs: the runs it "
+        "touches start again from step 0",
+    )
+    s.add_argument(
+        "--num-cpus", type=int, help="logical CPUs of a local Ray (default: what the study needs)"
+    )
     s.add_argument(
         "--dry-run",
         action="store_true",
@@ -203,25 +282,78 @@ def main(argv: list[str] | None = None) -> int:
     s.set_defaults(func=cmd_study)
 
     f = sub.add_parser("fit", help="fit the scaling laws to a metrics table, per family")
-    add_arguments_fit(f)
+    f.add_argument("metrics", help="METRICS.parquet or METRICS.csv")
+    f.add_argument("--x", choices=sorted(AXES), default="compute", help="the resource axis X")
+    f.add_argument(
+        "--protocol",
+        choices=["intra", "inter"],
+        default=None,
+        help="also check predictions: intra (each run's start predicts its rest) or inter "
+        "(smaller sizes predict the largest)",
+    )
+    f.add_argument(
+        "--fit-fraction",
+        type=float,
+        default=0.25,
+        help="intra protocol: the share of each run's points the prediction is fitted on",
+    )
+    f.add_argument("--out", default="fit.json", help="the fit document to write")
+    f.add_argument("--no-figures", dest="figures", action="store_false", help="write no PNGs")
+    f.add_argument("--family", default=None, help="fit one model family (default: each)")
+    f.add_argument(
+        "--rollout-n",
+        type=int,
+        default=None,
+        help="the main law's group size (default: the one most model sizes ran at tau = 1)",
+    )
+    f.add_argument(
+        "--n-boot", type=int, default=N_BOOT, help="bootstrap draws over whole runs (0: none)"
+    )
+    f.add_argument(
+        "--E-form",
+        dest="E_form",
+        choices=["free", "smooth"],
+        default="free",
+        help="E(N) per size (free) or the paper's smooth form in N",
+    )
+    f.add_argument(
+        "--loss", choices=["linear", "huber"], default="linear", help="least squares or Huber"
+    )
     f.set_defaults(func=cmd_fit)
 
     pl = sub.add_parser("plan", help="the planner's answer for a budget")
-    pl.add_argument("fit", help="fit.json")
-    pl.add_argument("--compute-budget", type=float)
-    pl.add_argument("--data-budget", type=float)
+    pl.add_argument("fit_json", help="fit.json written by `rayrl fit` or a study")
+    pl.add_argument(
+        "--compute-budget", type=float, help="training compute in FLOPs per run (eq. 5)"
+    )
+    pl.add_argument("--data-budget", type=float, help="training samples (prompts) per run (eq. 7)")
+    pl.add_argument("--family", default=None, help="plan one model family (default: each)")
     pl.set_defaults(func=cmd_plan)
 
     r = sub.add_parser("report", help="(re)write a study's report")
     r.add_argument("study_dir")
     r.set_defaults(func=cmd_report)
+    return p
 
-    args = p.parse_args(argv)
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     try:
         args.func(args)
     except (ConfigError, FileExistsError, FileNotFoundError, ValueError) as e:
         print(f"rayrl: error: {e}", file=sys.stderr)
         return 2
+    except FitFailed as e:
+        print(f"rayrl: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("rayrl: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a failure, not bad input: its message, the trace on request
+        if os.environ.get("RAYRL_DEBUG"):
+            raise
+        print(f"rayrl: failed: {type(e).__name__}: {e} (RAYRL_DEBUG=1 shows where)", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,6 +18,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+
+from rayrl.trial import Trial
 
 
 class ConfigError(ValueError):
@@ -109,8 +113,22 @@ class GRPOConfig:
     kl_coef: float = 0.001
     # Estimator of KL(pi || pi_ref) per sampled token; k3 is veRL's low_var_kl (clamped).
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
-    # veRL's loss aggregations, each over the whole mini-batch (every rank, every micro-batch).
-    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = "token-mean"
+    # veRL's loss aggregations, each over the whole mini-batch (every rank, every micro-batch);
+    # seq-mean-token-sum-norm is Dr. GRPO's: token sums over (sequences x max_new_tokens).
+    loss_agg: Literal[
+        "token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"
+    ] = "token-mean"
+    # The policy-gradient term (rayrl/learner/grpo.py): ppo_clip, the paper's token-level
+    # clipped surrogate; gspo, one ratio per sequence (the geometric mean of its tokens'),
+    # clipped at the sequence level by gspo_clip_low/high; cispo, REINFORCE times the
+    # stop-gradient importance weight min(ratio, 1 + cispo_clip_high).
+    policy_loss: Literal["ppo_clip", "gspo", "cispo"] = "ppo_clip"
+    gspo_clip_low: float = 3e-4  # GSPO paper (v2) section 5.1, as TRL's GSPO recipe
+    gspo_clip_high: float = 4e-4
+    cispo_clip_high: float = 3.0  # IS weight capped at 4 (Tinker's CISPO default, after ScaleRL)
+    # Advantages: group_std, (r - group mean) / (group std + adv_eps), the paper's; none,
+    # r - group mean (Dr. GRPO); batch_std, r - group mean over the batch's std of that (ScaleRL).
+    adv_norm: Literal["group_std", "none", "batch_std"] = "group_std"
     adv_eps: float = 1e-6
     prompts_per_step: int = 64
     # Optimizer updates per rollout batch: the paper takes 512 prompts a step in mini-batches
@@ -123,6 +141,10 @@ class GRPOConfig:
     max_prompt_tokens: int = 2048
     max_new_tokens: int = 4096
     micro_batch: int = 32  # samples per learner forward/backward
+    # > 0: micro-batches by tokens instead: each mini-batch sorted by length and cut so that
+    # a micro-batch's padded size (samples x longest) stays under this many tokens (a longer
+    # sample goes alone). The loss denominator stays the mini-batch's: the same update.
+    micro_batch_tokens: int = 0
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     data_budget: int = 51200  # D_total: training samples (prompts) over the run, repeats included
@@ -130,6 +152,9 @@ class GRPOConfig:
     eval_every: int = 10
     eval_samples: int = 4  # samples per held-out problem for pass@1
     checkpoint_every: int = 10
+    # Complete checkpoints kept per run (rayrl/checkpoint.py): older ones are deleted once a
+    # newer one is complete. 2 leaves one to fall back to if the newest turns out corrupt.
+    checkpoint_keep: int = 2
     seed: int = 0
     # 1 overlaps the loop: step t+1 generates while step t learns, so its samples are one
     # update stale. 0 is the paper's synchronous loop.
@@ -138,6 +163,22 @@ class GRPOConfig:
     # other than float32): each token's policy gradient times min(pi_old / pi_vLLM, is_cap),
     # the TIS correction of veRL and OpenRLHF (their cap is 2 too).
     is_cap: float = 2.0
+    # DAPO's dynamic sampling: a group whose rewards all agree is dropped, and the next prompts
+    # of the reuse schedule are drawn (only as many as are missing) until the step has
+    # prompts_per_step informative groups or max_gen_rounds rounds ran; the step then trains
+    # on what it has. Every drawn prompt counts in data_samples (and its generation in
+    # compute_flops_all), so the data budget is spent sooner and the run may end in fewer
+    # steps than data_budget / prompts_per_step; the schedule itself is unchanged.
+    dynamic_sampling: bool = False
+    max_gen_rounds: int = 4
+    # Responses cut at max_new_tokens: none, trained on as any other; mask, left out of the
+    # loss (DAPO's overlong filtering); penalty, DAPO's soft punishment added to the reward,
+    # 0 up to max_new_tokens - overlong_buffer tokens, then linear down to -1 at max_new_tokens.
+    overlong: Literal["none", "mask", "penalty"] = "none"
+    overlong_buffer: int = 4096  # L_cache of the penalty (DAPO's 4,096 of 20,480)
+    # Each evaluation's unbiased pass@k per set, 1 - C(n - c, k) / C(n, k) over the
+    # eval_samples = n draws per problem (Chen et al. 2021), as pass_at_<k> columns.
+    pass_k: list[int] = field(default_factory=lambda: [1])
 
     @property
     def steps(self) -> int:
@@ -157,13 +198,26 @@ class ResourcesConfig:
     zero_stage: int = 2
     cpus_per_actor: float = 1.0
     vllm_kv_cache_gib: float = 1.0
-    vllm_dtype: str = "float32"
+    # vLLM's weights and activations; anything but float32 makes the rollout off-policy to
+    # the fp32 learner, which truncated importance sampling corrects (grpo.is_cap).
+    vllm_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     # Memory of one GPU, which `rayrl study --dry-run` checks each actor's estimate against
     # (GiB: an A100 80 GB has 80, an H100 80 GB 79.6, an H200 140).
     gpu_memory_gib: float = 80.0
     # Recompute each decoder layer's activations in backward instead of keeping them: the
     # learner then holds one hidden state per layer, what 14B-72B at 6K tokens need to fit.
     gradient_checkpointing: bool = False
+    # The learner's matmul precision. bfloat16 keeps fp32 master weights and optimizer
+    # states (autocast on CPU, where AMX runs bf16 matmuls ~2x fp32; DeepSpeed's bf16 on
+    # GPU); auto is bfloat16 on GPU and float32 on CPU.
+    learner_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+
+    @property
+    def learner_bf16(self) -> bool:
+        """Does the learner compute in bf16 (`learner_dtype`, auto by device)?"""
+        return self.learner_dtype == "bfloat16" or (
+            self.learner_dtype == "auto" and self.device == "gpu"
+        )
 
 
 @dataclass
@@ -178,7 +232,14 @@ class SweepConfig:
     seeds: list[int] = field(default_factory=list)
 
 
-AXES = ("models", "family", "rollout_n", "reuse_factor", "seeds")
+# A sweep's (and the study's) list field -> the Trial field its values fill.
+SWEEP_AXES = {
+    "models": "model",
+    "family": "family",
+    "rollout_n": "rollout_n",
+    "reuse_factor": "reuse_factor",
+    "seeds": "seed",
+}
 
 
 @dataclass
@@ -202,12 +263,27 @@ class StudyConfig:
     scheduler_grace_fraction: float = 0.25
     x: Literal["compute", "data"] = "compute"
     # Experiment trackers that get every step and evaluation row, with the trial's config as
-    # parameters, through Ray Tune's logger callbacks (rayrl/trackers.py).
+    # parameters, through Ray Tune's logger callbacks (rayrl/study/trackers.py).
     trackers: list[Literal["tensorboard", "mlflow", "wandb"]] = field(
         default_factory=lambda: ["tensorboard"]
     )
     # MLflow's tracking URI; empty: a local file store in the study directory (mlflow/).
     mlflow_tracking_uri: str = ""
+
+
+@dataclass
+class RewardsConfig:
+    """Your own verifiers, ahead of rayrl's (rayrl/rewards/custom.py)."""
+
+    # data_source glob -> fn(response, ground_truth, row) -> float, written
+    # "package.module:function" or "path/to/file.py:function" (relative to this file's folder),
+    # e.g. {"mytask*": "my_rewards.py:score"}. The first glob that matches a row wins; rows
+    # that none matches keep rayrl's verifiers. Each call runs in a killable worker process
+    # under the reward pool's per-call timeout, as rayrl's verifiers do.
+    custom: dict[str, str] = field(default_factory=dict)
+    # A call that raises or times out scores 0 and is logged with its row's index; when more
+    # than this share of one function's calls in a batch fail, the run stops with its error.
+    max_failure_share: float = 0.1
 
 
 @dataclass
@@ -217,35 +293,26 @@ class Config:
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     study: StudyConfig = field(default_factory=StudyConfig)
+    rewards: RewardsConfig = field(default_factory=RewardsConfig)
     output_dir: str = "runs"
     source: str = field(default="", metadata={"internal": True})  # the YAML file, for errors
 
-    def trials(self) -> list[dict[str, Any]]:
+    def trials(self) -> list[Trial]:
         """Every distinct trial of the study, with the sweeps it belongs to, grouped by model."""
         st, g = self.study, self.grpo
         defaults = {"rollout_n": [g.rollout_n], "reuse_factor": [g.reuse_factor], "seeds": [g.seed]}
-        out: dict[tuple, dict[str, Any]] = {}
+        sweeps: dict[tuple, list[str]] = {}
         for sw in st.sweeps or [SweepConfig(name="grid")]:
-            axes = [getattr(sw, a) or getattr(st, a) or defaults.get(a, []) for a in AXES]
-            for model, family, n, tau, seed in itertools.product(*axes):
-                trial = out.setdefault(
-                    (model, family, n, tau, seed),
-                    {
-                        "model": model,
-                        "family": family,
-                        "rollout_n": n,
-                        "reuse_factor": tau,
-                        "seed": seed,
-                        "sweeps": [],
-                    },
-                )
-                trial["sweeps"].append(sw.name)
+            axes = [getattr(sw, a) or getattr(st, a) or defaults.get(a, []) for a in SWEEP_AXES]
+            for values in itertools.product(*axes):
+                sweeps.setdefault(values, []).append(sw.name)
+        out = [Trial(*values, sweeps=tuple(names)) for values, names in sweeps.items()]
         # A model's trials run back to back, in order of first appearance: each switch of
         # model rebuilds the vLLM engines.
         first: dict[tuple[str, str], int] = {}
-        for t in out.values():
-            first.setdefault((t["model"], t["family"]), len(first))
-        return sorted(out.values(), key=lambda t: first[(t["model"], t["family"])])
+        for t in out:
+            first.setdefault((t.model, t.family), len(first))
+        return sorted(out, key=lambda t: first[(t.model, t.family)])
 
     def resources_for(self, model: str, family: str | None = None) -> ResourcesConfig:
         """The pools one run of `model` gets: `resources` with the model's own overrides
@@ -281,13 +348,64 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Co
     for key, value in (overrides or {}).items():
         node = raw
         *parents, leaf = key.split(".")
-        for p in parents:
+        for i, p in enumerate(parents):
             node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                at = ".".join(parents[: i + 1])
+                raise ConfigError(
+                    f"{where}: override '{key}': key '{at}' holds {node!r}, not a mapping of keys"
+                )
         node[leaf] = value
     cfg = from_dict(Config, raw, where, "")
     cfg.source = where
+    resolve_paths(cfg, path.parent)
     validate(cfg)
     return cfg
+
+
+_VAR = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
+
+
+def resolve_paths(cfg: Config, base: Path) -> None:
+    """Make the config's input paths independent of the working directory: in data.train_path,
+    data.test_path, data.eval_paths, ladder.models[].path and rewards.custom's files,
+    ${VAR} and ${VAR:-default} (e.g. ${RAYRL_GURU_DIR:-/mnt/rayrl/data/guru}) and ~ are
+    expanded, and a relative path is taken from `base`, the config file's folder, when it
+    names a file or folder there. Anything else is kept: a hub id, a `datasets` name,
+    package:file.gguf."""
+    from rayrl.rewards.custom import is_file_ref, resolve_ref
+
+    where = cfg.source or "<config>"
+
+    def resolve(value: str, key: str) -> str:
+        def var(m: re.Match) -> str:
+            if m.group(1) in os.environ:
+                return os.environ[m.group(1)]
+            if m.group(2) is None:
+                raise ConfigError(
+                    f"{where}: key '{key}' names ${{{m.group(1)}}}, which is not set "
+                    f"(set it, or write ${{{m.group(1)}:-default}})"
+                )
+            return m.group(2)
+
+        value = _VAR.sub(var, value)
+        path = Path(value).expanduser()
+        if value and not path.is_absolute() and (base / path).exists():
+            return str((base / path).resolve())
+        return str(path) if value.startswith("~") else value
+
+    d = cfg.data
+    d.train_path = resolve(d.train_path, "data.train_path")
+    d.test_path = resolve(d.test_path, "data.test_path")
+    d.eval_paths = [resolve(p, f"data.eval_paths[{i}]") for i, p in enumerate(d.eval_paths)]
+    for i, m in enumerate(cfg.ladder.models):
+        m.path = resolve(m.path, f"ladder.models[{i}].path")
+    cfg.rewards.custom = {
+        glob: resolve_ref(resolve(ref, f"rewards.custom[{glob!r}]"), base)
+        if isinstance(ref, str) and is_file_ref(ref)
+        else ref
+        for glob, ref in cfg.rewards.custom.items()
+    }
 
 
 def dump_config(cfg: Config, path: str | Path) -> None:
@@ -379,11 +497,40 @@ def validate(cfg: Config) -> None:
         "eval_every",
         "eval_samples",
         "checkpoint_every",
+        "checkpoint_keep",
     ):
         need(getattr(g, name) > 0, f"grpo.{name}", "a positive integer", getattr(g, name))
     need(g.clip_ratio_c > 1, "grpo.clip_ratio_c", "a value above 1", g.clip_ratio_c)
     need(g.async_steps in (0, 1), "grpo.async_steps", "0 or 1", g.async_steps)
+    need(
+        g.micro_batch_tokens >= 0,
+        "grpo.micro_batch_tokens",
+        "0 (micro_batch samples) or a token budget",
+        g.micro_batch_tokens,
+    )
     need(g.is_cap >= 1, "grpo.is_cap", "a cap of at least 1", g.is_cap)
+    need(0 <= g.gspo_clip_low < 1, "grpo.gspo_clip_low", "a value in [0, 1)", g.gspo_clip_low)
+    need(g.gspo_clip_high >= 0, "grpo.gspo_clip_high", "a non-negative value", g.gspo_clip_high)
+    need(g.cispo_clip_high >= 0, "grpo.cispo_clip_high", "a non-negative value", g.cispo_clip_high)
+    need(g.max_gen_rounds >= 1, "grpo.max_gen_rounds", "an integer >= 1", g.max_gen_rounds)
+    need(
+        g.overlong_buffer >= 0, "grpo.overlong_buffer", "a non-negative integer", g.overlong_buffer
+    )
+    if g.overlong == "penalty":
+        need(
+            1 <= g.overlong_buffer <= g.max_new_tokens,
+            "grpo.overlong_buffer",
+            f"1 to grpo.max_new_tokens={g.max_new_tokens} tokens with grpo.overlong: penalty",
+            g.overlong_buffer,
+        )
+    need(
+        bool(g.pass_k)
+        and all(1 <= k <= g.eval_samples for k in g.pass_k)
+        and len(set(g.pass_k)) == len(g.pass_k),
+        "grpo.pass_k",
+        f"distinct integers from 1 to grpo.eval_samples={g.eval_samples} (pass@k needs k draws)",
+        g.pass_k,
+    )
     need(
         g.prompts_per_step % g.mini_batches == 0,
         "grpo.mini_batches",
@@ -391,6 +538,13 @@ def validate(cfg: Config) -> None:
         g.mini_batches,
     )
     need(g.reuse_factor >= 1, "grpo.reuse_factor", "an integer >= 1", g.reuse_factor)
+    need(
+        g.data_budget >= g.prompts_per_step,
+        "grpo.data_budget",
+        f"at least grpo.prompts_per_step={g.prompts_per_step} samples (one step; "
+        f"a run has data_budget // prompts_per_step steps)",
+        g.data_budget,
+    )
     need(
         g.data_budget % g.reuse_factor == 0,
         "grpo.reuse_factor",
@@ -517,11 +671,11 @@ def validate(cfg: Config) -> None:
                 )
     for t in trials:
         need(
-            (t["model"], t["family"]) in names,
+            (t.model, t.family) in names,
             "study.models",
-            f"names of ladder.models entries with family {t['family']!r} "
+            f"names of ladder.models entries with family {t.family!r} "
             f"(known: {', '.join(f'{n} ({f})' for n, f in names)})",
-            t["model"],
+            t.model,
         )
     need(
         len(set(cfg.study.trackers)) == len(cfg.study.trackers),
@@ -533,6 +687,24 @@ def validate(cfg: Config) -> None:
     need(
         len(sweep_names) == len(set(sweep_names)), "study.sweeps", "unique sweep names", sweep_names
     )
+    rw = cfg.rewards
+    need(
+        0 <= rw.max_failure_share <= 1,
+        "rewards.max_failure_share",
+        "a share in [0, 1]",
+        rw.max_failure_share,
+    )
+    if rw.custom:  # imported now, so that a typo fails before any actor starts
+        from rayrl.rewards.custom import FORMS, problem
+
+        for glob, ref in rw.custom.items():
+            why = problem(ref)
+            need(
+                why is None,
+                f"rewards.custom[{glob!r}]",
+                f"{FORMS} naming a function fn(response, ground_truth, row) -> float ({why})",
+                ref,
+            )
 
     need(
         cfg.study.max_concurrent >= 1,

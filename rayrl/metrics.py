@@ -40,11 +40,17 @@ OPTIONAL: dict[str, type] = {
     # Share of held-out samples with an extractable answer: 1 - answer_rate of the loss is a
     # format failure, the rest wrong answers (what a run learns, besides the format).
     "answer_rate": float,
+    # The evaluated step's own statistics (steps.jsonl has every step's).
     "reward_mean": float,
     "response_len": float,
-    "flat_groups": int,
+    "zero_var_groups": int,  # groups whose rewards all agree, before dynamic sampling
+    "gen_rounds": int,  # generation rounds of the step (dynamic sampling)
+    "truncated_frac": float,  # share of the step's responses cut at max_new_tokens
 }
+# The step statistics a metric row copies (those of OPTIONAL above).
+STEP_COLUMNS = ("reward_mean", "response_len", "zero_var_groups", "gen_rounds", "truncated_frac")
 BENCHMARK = re.compile(r"test_loss_(?!se$)(\w+?)(_se)?")  # test_loss_<name>[_se]
+PASS_AT = re.compile(r"pass_at_\d+(_\w+)?")  # pass_at_<k>[_<name>][_se]
 TIMING = re.compile(r"time_\w+")
 
 # The held-out set's name among a run's evaluation sets: its loss is the row's test_loss.
@@ -52,6 +58,7 @@ HELD_OUT = "held_out"
 
 # Resource axes of the law: X is training compute C or data D.
 AXES: dict[str, str] = {"compute": "compute_flops", "data": "data_samples"}
+UNITS: dict[str, str] = {"compute": "FLOPs", "data": "samples"}  # of each axis's X
 
 # Keys a trial adds to its rows in `tune.report`, beside the row's own columns.
 KIND = "kind"  # EVAL for a metric row (evaluation point), STEP for an optimizer step's stats
@@ -89,6 +96,12 @@ def benchmark_column(name: str) -> str:
     return "test_loss" if name == HELD_OUT else f"test_loss_{name}"
 
 
+def pass_at_column(k: int, name: str) -> str:
+    """The unbiased pass@k column of evaluation set `name` (grpo.pass_k); its SE is this +
+    "_se". The held-out set's is pass_at_<k>."""
+    return f"pass_at_{k}" if name == HELD_OUT else f"pass_at_{k}_{name}"
+
+
 def projected_end(x_now: float, step: int, total_steps: int) -> float:
     """X at a run's last step: compute and data both grow linearly in steps."""
     return x_now * total_steps / max(step, 1)
@@ -98,7 +111,7 @@ def column_type(name: str) -> type | None:
     """The contract's type of a column, None for a column it does not know."""
     if name in COLUMNS or name in OPTIONAL:
         return {**COLUMNS, **OPTIONAL}[name]
-    if BENCHMARK.fullmatch(name) or TIMING.fullmatch(name):
+    if BENCHMARK.fullmatch(name) or TIMING.fullmatch(name) or PASS_AT.fullmatch(name):
         return float
     return None
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 
 from rayrl.metrics import TOTAL_STEPS
-from rayrl.scaling.fitter import start_fitter, stop_fitter
 from rayrl.scaling.laws import k_of_N
-from rayrl.scaling.scheduler import ScalingLawScheduler
+from rayrl.study.fitter import start_fitter, stop_fitter
+from rayrl.study.scheduler import ScalingLawScheduler
 
 # Curves of a known law: log L = -k(N) log C + E(N); bigger models win at equal compute.
 SIZES = {"small": 0.5e9, "mid": 3e9, "big": 14e9}
@@ -39,7 +39,7 @@ def start_together(study: Path, name: str, timeout_s: float = 120.0) -> None:
 def law_trainable(config):
     from ray import tune
 
-    from rayrl.scaling.fitter import get_fitter, send_row
+    from rayrl.study.fitter import get_fitter, send_row
 
     name, N = config["model"], SIZES[config["model"]]
     fitter = get_fitter(config["study"])

@@ -48,4 +48,4 @@ def test_grpo_section_runs_a_ladder_model_from_any_config(tmp_path):
     cfg = config(model, tmp_path)
     assert [m.name for m in cfg.ladder.models] == ["tiny-5"]
     assert cfg.ladder.models[0].path == model.path
-    assert [t["model"] for t in cfg.trials()] == ["tiny-5"]
+    assert [t.model for t in cfg.trials()] == ["tiny-5"]

@@ -131,34 +131,32 @@ def test_sweeps_union_without_the_cross_product(tmp_path):
         "  - {name: reuse, models: [a], seeds: [0], reuse_factor: [1, 4]}\n",
     )
     trials = load_config(path).trials()
-    keys = [(t["model"], t["rollout_n"], t["reuse_factor"], t["seed"]) for t in trials]
+    keys = [(t.model, t.rollout_n, t.reuse_factor, t.seed) for t in trials]
     assert len(keys) == len(set(keys)) == 5  # 2 models x 2 seeds, plus a at tau 4
-    shared = next(t for t in trials if (t["model"], t["reuse_factor"], t["seed"]) == ("a", 1, 0))
-    assert shared["sweeps"] == ["size", "reuse"]
-    assert all(t["rollout_n"] == 4 for t in trials)  # empty axis: the grpo value
+    shared = next(t for t in trials if (t.model, t.reuse_factor, t.seed) == ("a", 1, 0))
+    assert shared.sweeps == ("size", "reuse")
+    assert all(t.rollout_n == 4 for t in trials)  # empty axis: the grpo value
     # study.seeds runs the size sweep twice; the reuse sweep's own seeds keep it to seed 0
-    assert {t["seed"] for t in trials if t["sweeps"] == ["size"]} == {0, 1}
-    assert {t["seed"] for t in trials if t["reuse_factor"] == 4} == {0}
+    assert {t.seed for t in trials if t.sweeps == ("size",)} == {0, 1}
+    assert {t.seed for t in trials if t.reuse_factor == 4} == {0}
     # a's tau-4 trial runs next to a's others, not after b's: one engine build per model
-    assert [t["model"] for t in trials] == ["a", "a", "a", "b", "b"]
+    assert [t.model for t in trials] == ["a", "a", "a", "b", "b"]
 
 
 def test_study_seeds_default_to_the_grpo_seed_and_each_seed_is_its_own_run(tmp_path):
-    from rayrl.trainer import RunSpec
-
     base = (
         "ladder:\n  models:\n  - {name: a, hidden: 32, layers: 1, heads: 1, kv_heads: 1}\n"
         "grpo:\n  seed: 7\n  data_budget: 64\n"
         "study:\n  models: [a]\n"
     )
-    assert [t["seed"] for t in load_config(write(tmp_path, base)).trials()] == [7]
+    assert [t.seed for t in load_config(write(tmp_path, base)).trials()] == [7]
     trials = load_config(write(tmp_path, base + "  seeds: [1, 2]\n")).trials()
-    assert [RunSpec.of(t).seed for t in trials] == [1, 2]
-    assert len({RunSpec.of(t).run_id for t in trials}) == 2
+    assert [t.seed for t in trials] == [1, 2]
+    assert len({t.run_id for t in trials}) == 2
 
 
 def test_a_models_resources_override_the_study_wide_pools(tmp_path):
-    from rayrl.study import run_cpus, trial_resources
+    from rayrl.study.tuner import run_cpus, trial_resources
 
     path = write(
         tmp_path,

@@ -482,7 +482,7 @@ def test_rayjob_cluster_fits_every_trial_and_its_engines_fit_their_models(name):
     and its tensor_parallel divides the model's attention heads (vLLM shards heads; the
     architectures are rayrl.models.memory's table of the paper's models)."""
     from rayrl.models.memory import architecture
-    from rayrl.study import trial_resources
+    from rayrl.study.tuner import trial_resources
 
     (job,) = by_kind("RayJob")
     nodes = []

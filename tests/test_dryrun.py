@@ -20,7 +20,6 @@ import pytest
 import yaml
 
 from rayrl.config import ConfigError, load_config
-from rayrl.dryrun import estimates, format_bundles, memory_failures
 from rayrl.models.memory import (
     GIB,
     PAPER_MODELS,
@@ -30,7 +29,8 @@ from rayrl.models.memory import (
     learner_gib,
     rollout_gib,
 )
-from rayrl.study import trial_resources
+from rayrl.study.dryrun import estimates, format_bundles, memory_failures
+from rayrl.study.tuner import trial_resources
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"

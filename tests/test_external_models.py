@@ -91,7 +91,8 @@ def test_a_listed_path_is_checked_before_a_study_starts(started, capsys, tmp_pat
 
 def test_a_run_checks_its_model_before_any_actor(model_dir, tmp_path, monkeypatch):
     """Run (the library path: studies' trials, tools) checks too, before its first pool."""
-    from rayrl.trainer import Run, RunSpec
+    from rayrl.trainer import Run
+    from rayrl.trial import Trial
 
     def no_pool(*args, **kwargs):
         pytest.fail("an actor pool was started")
@@ -101,7 +102,7 @@ def test_a_run_checks_its_model_before_any_actor(model_dir, tmp_path, monkeypatc
     cfg = load_config(TINY, {"grpo.max_new_tokens": 600})
     name = add_model(cfg, str(model_dir), "instruct")
     with pytest.raises(ConfigError, match="max_position_embeddings = 512"):
-        Run(cfg, RunSpec(name, 8, 1, 0, family="instruct"), tmp_path / "run")
+        Run(cfg, Trial(name, "instruct", 8, 1, 0), tmp_path / "run")
 
 
 def test_model_directory_and_listed_instruct_model_resolve(started, capsys, model_dir, tmp_path):

@@ -10,7 +10,6 @@ from rayrl.learner.grpo import (
     group_advantages,
     grpo_loss,
     loss_denominator,
-    merge_stats,
     token_logprobs,
 )
 
@@ -141,7 +140,7 @@ AGG_ADV = torch.tensor([2.0, -1.0])
 )
 def test_loss_aggregation_modes_split_like_the_whole_batch(loss_agg, value):
     g = GRPOConfig(kl_coef=0.0, loss_agg=loss_agg)
-    denom = loss_denominator([1, 3], loss_agg)
+    denom = loss_denominator([1, 3], g)
     loss, stats = grpo_loss(AGG_LOGP, AGG_LOGP, AGG_LOGP, AGG_ADV, AGG_MASK, g, denom)
     assert loss.item() == pytest.approx(value)
     assert stats["tokens"] == 4
@@ -186,12 +185,6 @@ def test_token_logprobs_uses_temperature():
     )
 
 
-def test_merge_stats_sums_counts_and_keeps_maxima():
-    parts = [{"tokens": 3.0, "ratio_max": 1.5}, {"tokens": 2.0, "ratio_max": 1.2, "kl": 0.5}]
-    assert merge_stats(parts) == {"tokens": 5.0, "ratio_max": 1.5, "kl": 0.5}
-    assert merge_stats([]) == {}
-
-
 def test_truncated_importance_weights_cap_the_stale_ratio():
     from rayrl.learner.grpo import is_weights
 
@@ -219,8 +212,8 @@ def test_is_weight_scales_each_tokens_policy_gradient(cap):
         loss.backward()
         grads.append(logp.grad.item())
     assert grads[1] == pytest.approx(min(3.0, cap) * grads[0])
-    assert stats["is_weight"] == pytest.approx(min(3.0, cap)) == stats["is_weight_max"]
-    assert stats["is_capped"] == (1.0 if cap < 3 else 0.0)
+    assert stats["is_weight_mean"] == pytest.approx(min(3.0, cap)) == stats["is_weight_max"]
+    assert stats["is_capped_frac"] == (1.0 if cap < 3 else 0.0)
 
 
 def test_the_rollout_is_off_policy_when_overlapped_or_not_fp32():

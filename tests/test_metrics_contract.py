@@ -97,21 +97,21 @@ def test_readers_use_the_contract():
     mapping is written nowhere else."""
     import inspect
 
-    import rayrl.report
-    import rayrl.scaling.commands
-    import rayrl.scaling.fitter
-    import rayrl.scaling.scheduler
+    import rayrl.scaling.document
     import rayrl.scaling.table
-    import rayrl.study
+    import rayrl.study.fitter
+    import rayrl.study.report
+    import rayrl.study.scheduler
+    import rayrl.study.tuner
     import rayrl.trainer
 
     for module in (
-        rayrl.report,
-        rayrl.scaling.commands,
-        rayrl.scaling.fitter,
-        rayrl.scaling.scheduler,
+        rayrl.study.report,
+        rayrl.scaling.document,
+        rayrl.study.fitter,
+        rayrl.study.scheduler,
         rayrl.scaling.table,
-        rayrl.study,
+        rayrl.study.tuner,
         rayrl.trainer,
     ):
         source = inspect.getsource(module)

@@ -18,7 +18,8 @@ from rayrl.config import load_config
 from rayrl.data import render_prompt
 from rayrl.metrics import read_metrics
 from rayrl.models.convert import SMOLLM2, convert, converted, gguf_file
-from rayrl.trainer import Run, RunSpec, ladder_params
+from rayrl.trainer import Run, ladder_params
+from rayrl.trial import Trial
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "configs" / "smoke.yaml"
@@ -97,7 +98,7 @@ def test_vllm_matches_the_deepspeed_learner_after_two_steps(ray_session, smollm2
             "grpo.mini_batches": 1,
         },
     )
-    run = Run(cfg, RunSpec("smollm2", 2, 1, 0, family="instruct"), tmp_path / "run")
+    run = Run(cfg, Trial("smollm2", "instruct", 2, 1, 0), tmp_path / "run")
     # Half of each group rewarded: the task is beyond this model, and flat groups make no update.
     run.rewards.score = lambda items: [
         types.SimpleNamespace(score=float(i % 2)) for i in range(len(items))

@@ -7,9 +7,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from rayrl.report import write_report
 from rayrl.scaling.fit import saturation
 from rayrl.scaling.synthetic import make_metrics, make_reuse_metrics
+from rayrl.study.report import write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -81,7 +81,7 @@ def test_report_scores_every_benchmark_of_the_suite(tmp_path):
 
 
 def test_report_has_a_section_per_family_each_as_fitted_alone(tmp_path):
-    from rayrl.scaling.commands import fit_table
+    from rayrl.scaling.document import fit_table
 
     sizes = (0.5e9, 3e9, 14e9)
     table = pd.concat(

@@ -1,6 +1,5 @@
 """`rayrl fit` / `rayrl plan` through fit_command and plan_command, as the CLI calls them."""
 
-import argparse
 import json
 
 import numpy as np
@@ -8,13 +7,7 @@ import pandas as pd
 import pytest
 
 from rayrl.metrics import MetricsError
-from rayrl.scaling.commands import (
-    add_arguments_fit,
-    add_arguments_plan,
-    fit_command,
-    fit_table,
-    plan_command,
-)
+from rayrl.scaling.document import fit_command, fit_table, plan_command
 from rayrl.scaling.synthetic import make_metrics, make_reuse_metrics
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -58,11 +51,13 @@ def test_fit_writes_fit_json_and_figures(metrics, tmp_path, protocol):
 def test_plan_answers_compute_and_data_budgets(metrics, tmp_path):
     out = tmp_path / "fit.json"
     fit_command(str(metrics), out=str(out), figures=False, n_boot=50)
-    text = plan_command(str(out), compute_budget=1e21, data_budget=2e5)
+    text, planned = plan_command(str(out), compute_budget=1e21, data_budget=2e5)
+    assert planned
     assert "compute budget 1e+21 FLOPs (eq. 5): best model 72B" in text
     assert "data budget 2e+05 samples (eq. 7): best model 72B" in text
     assert "P(best)" in text
-    assert "nothing to plan" in plan_command(str(out))
+    text, planned = plan_command(str(out))
+    assert "nothing planned" in text and not planned
 
 
 def test_plan_answers_the_reuse_question(tmp_path):
@@ -72,7 +67,8 @@ def test_plan_answers_the_reuse_question(tmp_path):
     assert (
         summary["status"] == summary["families"][FAMILY]["status"] == "partial"
     )  # one model size: no k(N), but the reuse study stands
-    text = plan_command(str(tmp_path / "fit.json"), compute_budget=1e20)
+    text, planned = plan_command(str(tmp_path / "fit.json"), compute_budget=1e20)
+    assert planned
     assert "tau* = 25 is the largest reuse factor within noise of tau = 1" in text
     assert "has no compute-axis law" in text
 
@@ -99,17 +95,18 @@ def test_bad_rows_give_a_flagged_fit_and_unusable_files_a_clear_error(tmp_path):
         fit_command(str(tmp_path / "thin.csv"))
 
 
-def test_argument_helpers_match_the_command_signatures(metrics, tmp_path):
-    fit_parser, plan_parser = argparse.ArgumentParser(), argparse.ArgumentParser()
-    add_arguments_fit(fit_parser)
-    add_arguments_plan(plan_parser)
+def test_the_cli_flags_match_the_command_signatures(metrics, tmp_path):
+    from rayrl.cli import parser
+
     out = tmp_path / "f.json"
-    args = fit_parser.parse_args(
-        [str(metrics), "--x", "data", "--out", str(out), "--no-figures", "--n-boot", "10"]
+    args = parser().parse_args(
+        ["fit", str(metrics), "--x", "data", "--out", str(out), "--no-figures", "--n-boot", "10"]
     )
-    assert fit_command(**vars(args))["x"] == "data"
-    args = plan_parser.parse_args([str(out), "--data-budget", "1e5"])
-    assert "eq. 7" in plan_command(**vars(args))
+    kwargs = {k: v for k, v in vars(args).items() if k not in ("verb", "func")}
+    assert fit_command(**kwargs)["x"] == "data"
+    args = parser().parse_args(["plan", str(out), "--data-budget", "1e5"])
+    kwargs = {k: v for k, v in vars(args).items() if k not in ("verb", "func")}
+    assert "eq. 7" in plan_command(**kwargs)[0]
 
 
 def test_each_family_is_fitted_apart_and_alone_gives_the_same_fit(metrics, tmp_path):
@@ -137,10 +134,10 @@ def test_each_family_is_fitted_apart_and_alone_gives_the_same_fit(metrics, tmp_p
     assert list(only["families"]) == ["instruct"]
     with pytest.raises(MetricsError, match="no rows with family == 'chat'"):
         fit_command(str(path), family="chat", out=str(tmp_path / "c.json"), n_boot=0)
-    text = plan_command(str(tmp_path / "f.json"), compute_budget=1e21)
+    text = plan_command(str(tmp_path / "f.json"), compute_budget=1e21)[0]
     assert "family instruct: status" in text and f"family {FAMILY}: status" in text
     assert (
-        plan_command(str(tmp_path / "f.json"), compute_budget=1e21, family="instruct").count(
+        plan_command(str(tmp_path / "f.json"), compute_budget=1e21, family="instruct")[0].count(
             "best model"
         )
         == 1

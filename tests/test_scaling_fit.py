@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from rayrl.scaling.commands import fit_table
+from rayrl.scaling.document import fit_table
 from rayrl.scaling.fit import FitError, MainFit, fit_main_law
 from rayrl.scaling.laws import k_of_N
 from rayrl.scaling.synthetic import make_metrics

@@ -7,7 +7,8 @@ import pandas as pd
 import pytest
 
 from rayrl.scaling import fitter as fitter_module
-from rayrl.scaling.fitter import (
+from rayrl.scaling.synthetic import make_metrics
+from rayrl.study.fitter import (
     NAMESPACE,
     Fitter,
     Forecast,
@@ -16,7 +17,6 @@ from rayrl.scaling.fitter import (
     start_fitter,
     stop_fitter,
 )
-from rayrl.scaling.synthetic import make_metrics
 
 
 @pytest.fixture(scope="module")

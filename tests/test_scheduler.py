@@ -12,9 +12,9 @@ import ray
 from ray.tune.schedulers import TrialScheduler
 
 from rayrl.metrics import KIND, STEP
-from rayrl.scaling.fitter import Forecast
 from rayrl.scaling.protocols import RunFit
-from rayrl.scaling.scheduler import ScalingLawScheduler, decide
+from rayrl.study.fitter import Forecast
+from rayrl.study.scheduler import ScalingLawScheduler, decide
 
 STEPS = 20  # law_study.STEPS: each trial reports 20 steps
 

@@ -18,11 +18,10 @@ import pytest
 import ray
 
 from rayrl.config import load_config
-from rayrl.report import main_law_rows
-from rayrl.scaling.commands import fit_table
-from rayrl.scaling.fitter import Fitter, get_fitter
-from rayrl.study import run_study
-from rayrl.trainer import RunSpec
+from rayrl.scaling.document import fit_table
+from rayrl.scaling.table import law_rows
+from rayrl.study.fitter import Fitter, get_fitter
+from rayrl.study.tuner import run_study
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "configs" / "smoke.yaml"
@@ -65,7 +64,7 @@ def saboteur(cfg, study_dir, log):
     wait_for(lambda: len(ray.get(fitter.rows.remote())) >= 2)
     ray.kill(fitter, no_restart=False)
     log.append("fitter")
-    run_id = RunSpec.of(cfg.trials()[1]).run_id  # the second trial, after the fitter came back
+    run_id = cfg.trials()[1].run_id  # the second trial, after the fitter came back
     metrics = study_dir / "runs" / run_id / "metrics.parquet"
     wait_for(lambda: metrics.exists() and pd.read_parquet(metrics)["step"].max() >= 2)
     # Its rollout worker, named by the run that started the pool (a warm pool is reused).
@@ -76,6 +75,16 @@ def saboteur(cfg, study_dir, log):
     ]
     ray.kill(ray.get_actor(name, namespace="rayrl"))
     log.append(run_id)
+
+
+def law_summary(fam: dict) -> dict:
+    """What a fit.json states of one family's law: its runs, points and parameters."""
+    laws = {
+        axis: (law["k_max"], law["N0"], law["n_points"], law["n_runs"], law["sizes"])
+        for axis, law in fam["laws"].items()
+    }
+    runs = [(r["run_id"], r["n_points"], r.get("k")) for r in fam.get("runs", [])]
+    return {"laws": laws, "runs": runs, "excluded": fam.get("excluded_rows")}
 
 
 def test_smoke_study_survives_faults_resumes_and_reports(ray_session, tmp_path):
@@ -112,7 +121,14 @@ def test_smoke_study_survives_faults_resumes_and_reports(ray_session, tmp_path):
     # both families in one study, fitted apart: each as fitted on its own rows alone
     fit = json.loads((study_dir / "fit.json").read_text())
     assert sorted(fit["families"]) == ["base", "instruct"] == sorted(df["family"].unique())
-    scaling = main_law_rows(df, cfg.grpo.rollout_n)
+    # one law: the live fitter's last fit.json and the report's take the same rows (tau = 1 at
+    # the main n; the rollout sweep's n = 2 run is left out of both) and state the same law
+    live = json.loads((study_dir / "fitter" / "fit.json").read_text())
+    assert live["rows"] == fit["rows"] and fit["rows"]["rollout_n"] == cfg.grpo.rollout_n
+    assert "rollout_n != 4" in fit["rows"]["excluded"]
+    for family in fit["families"]:
+        assert law_summary(live["families"][family]) == law_summary(fit["families"][family])
+    scaling, _ = law_rows(df, cfg.grpo.rollout_n)
     for family, rows in scaling.groupby("family"):
         alone = fit_table(rows, protocol="inter", n_boot=0)[0]["families"][family]
         mine = fit["families"][family]

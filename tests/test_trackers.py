@@ -13,11 +13,11 @@ from ray import tune
 
 from rayrl.config import load_config
 from rayrl.metrics import EVAL, STEP, TRACKER_STEP
-from rayrl.scaling.fitter import start_fitter, stop_fitter
-from rayrl.scaling.scheduler import ScalingLawScheduler
-from rayrl.study import make_tuner, remaining_trials, trial_result
-from rayrl.trackers import mlflow_uri, tracker_callbacks, wandb_dir, wandb_mode
-from rayrl.trainer import RunSpec
+from rayrl.study.fitter import start_fitter, stop_fitter
+from rayrl.study.resume import remaining_trials
+from rayrl.study.scheduler import ScalingLawScheduler
+from rayrl.study.trackers import mlflow_uri, tracker_callbacks, wandb_dir, wandb_mode
+from rayrl.study.tuner import make_tuner, trial_result
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 4
@@ -27,7 +27,7 @@ def fake_trial(params, marker, fail_first):
     """Reports as rayrl.study.run_trial does: a step result per step, an eval row every 2."""
     t = params["trial"]
     run_id = f"{t['model']}-{t['family']}-n{t['rollout_n']}"
-    common = {"run_id": run_id, "total_steps": STEPS, "sweeps": ",".join(t["sweeps"])}
+    common = {"run_id": run_id, "total_steps": STEPS, "sweeps": ",".join(t.sweeps)}
     marker = Path(marker)
     if fail_first:  # every attempt of this run fails (Tune retries), so it can be resumed
         raise RuntimeError("the first run fails, so the study can be resumed")
@@ -129,7 +129,7 @@ def test_mlflow_file_store_holds_every_trial_with_its_config(tracked):
             2,
             4,
         ]
-    assert seen == {(t["model"], t["family"], str(t["rollout_n"])) for t in cfg.trials()}
+    assert seen == {(t.model, t.family, str(t.rollout_n)) for t in cfg.trials()}
 
 
 def wandb_records(path: Path):
@@ -182,7 +182,7 @@ def test_wandb_runs_offline_without_an_api_key(tracked):
         assert reward == list(range(1, STEPS + 1))  # the optimizer step, in its own column
         loss = [(r[TRACKER_STEP], r["test_loss"]) for r in rows if "test_loss" in r]
         assert loss == [(2, pytest.approx(0.5)), (4, pytest.approx(0.25))]
-    assert seen == {(t["model"], t["family"], t["rollout_n"]) for t in cfg.trials()}
+    assert seen == {(t.model, t.family, t.rollout_n) for t in cfg.trials()}
 
 
 def test_a_tracker_left_out_is_off_and_mlflow_takes_a_tracking_uri(
@@ -248,17 +248,17 @@ def test_resume_takes_todays_scheduler_and_concurrency_limit(ray_session, tmp_pa
 def test_a_resumed_study_runs_what_is_neither_finished_nor_stopped(tmp_path):
     cfg = study_cfg(tmp_path, **{"study.models": ["smoke-1", "smoke-2"]})  # 4 trials
     total = cfg.grpo.data_budget // cfg.grpo.prompts_per_step
-    ids = [RunSpec.of(t).run_id for t in cfg.trials()]
+    ids = [t.run_id for t in cfg.trials()]
     assert remaining_trials(cfg, tmp_path) == cfg.trials()  # nothing has run yet
     for run_id, step in zip(ids, (total, total - 2, 0)):  # the fourth never started
         (tmp_path / "runs" / run_id / "checkpoints").mkdir(parents=True)
         (tmp_path / "runs" / run_id / "checkpoints" / "latest.json").write_text(
             json.dumps({"step": step})
         )
-    left = [RunSpec.of(t).run_id for t in remaining_trials(cfg, tmp_path)]
+    left = [t.run_id for t in remaining_trials(cfg, tmp_path)]
     assert left == ids[1:]
     # the scheduler stopped the second one; a decision to continue stops nothing
     decisions = [{"run_id": ids[1], "action": "stop"}, {"run_id": ids[2], "action": "continue"}]
     (tmp_path / "scheduler.jsonl").write_text("".join(json.dumps(d) + "\n" for d in decisions))
-    left = [RunSpec.of(t).run_id for t in remaining_trials(cfg, tmp_path)]
+    left = [t.run_id for t in remaining_trials(cfg, tmp_path)]
     assert left == ids[2:]

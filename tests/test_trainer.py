@@ -19,7 +19,8 @@ from rayrl.learner.grpo import token_logprobs
 from rayrl.metrics import read_metrics
 from rayrl.rewards.synthetic import score_synthetic
 from rayrl.rollout.worker import Sample
-from rayrl.trainer import HELD_OUT, EvalSet, Run, RunSpec, evaluate
+from rayrl.trainer import HELD_OUT, EvalSet, Run, evaluate
+from rayrl.trial import Trial
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "configs" / "smoke.yaml"
@@ -89,7 +90,7 @@ def test_vllm_matches_the_deepspeed_learner_after_each_step(
             "resources.zero_stage": zero_stage,
         },
     )
-    run = Run(cfg, RunSpec("smoke-2", 4, 1, 0), tmp_path / "run")  # smoke-2 ties its embeddings
+    run = Run(cfg, Trial("smoke-2", "base", 4, 1, 0), tmp_path / "run")  # smoke-2 ties its embeddings
     try:
         prompts = run.eval_sets[HELD_OUT].prompts[:4]
         previous, updates = None, 0
@@ -121,7 +122,7 @@ def test_killed_rollout_actor_is_replaced_without_losing_a_step(ray_session, tmp
             killed.append(run.rollout.workers[0])
             ray.kill(run.rollout.workers[0])
 
-    run = Run(cfg, RunSpec("smoke-1", 4, 1, 0), tmp_path / "run", on_row=kill_once)
+    run = Run(cfg, Trial("smoke-1", "base", 4, 1, 0), tmp_path / "run", on_row=kill_once)
     try:
         run.run(progress=False)
         assert killed and run.rollout.restarts >= 1
@@ -163,7 +164,7 @@ def test_a_warm_run_writes_what_a_cold_one_writes(ray_session, tmp_path):
     from rayrl.trainer import train
 
     cfg = smoke(tmp_path, **{"grpo.data_budget": 32})  # 4 steps, 3 evaluations
-    spec = RunSpec("smoke-1", 4, 1, 0)
+    spec = Trial("smoke-1", "base", 4, 1, 0)
 
     def ids(pools):
         return {
@@ -174,7 +175,7 @@ def test_a_warm_run_writes_what_a_cold_one_writes(ray_session, tmp_path):
         }
 
     try:
-        train(cfg, RunSpec("smoke-2", 2, 1, 1), tmp_path / "other", progress=False, warm=True)
+        train(cfg, Trial("smoke-2", "base", 2, 1, 1), tmp_path / "other", progress=False, warm=True)
         other = ids(rayrl.pools._warm)
         train(cfg, spec, tmp_path / "warm", progress=False, warm=True)
         warm = ids(rayrl.pools._warm)
@@ -210,7 +211,7 @@ def test_overlapped_steps_learn_one_update_stale_and_resume_exactly(ray_session,
     cfg = smoke(
         tmp_path, **{"grpo.async_steps": 1, "grpo.lr": 1e-3, "grpo.data_budget": 48, **every}
     )
-    spec = RunSpec("smoke-1", 8, 1, 0, family="instruct")  # groups of 8: few are flat
+    spec = Trial("smoke-1", "instruct", 8, 1, 0)  # groups of 8: few are flat
 
     try:
         train(cfg, spec, tmp_path / "whole", progress=False, warm=True)
@@ -235,7 +236,7 @@ def test_overlapped_steps_learn_one_update_stale_and_resume_exactly(ray_session,
     pd.testing.assert_frame_equal(read_metrics(tmp_path / "cut" / "metrics.parquet"), whole)
     assert step_stats(tmp_path / "cut") == steps
     updated = [s["loss"] != 0 for s in steps]
-    assert sum(updated[:-1]) >= 2, [(s["reward_mean"], s["flat_groups"]) for s in steps]
+    assert sum(updated[:-1]) >= 2, [(s["reward_mean"], s["zero_var_groups"]) for s in steps]
     assert [s["staleness"] for s in steps] == [0] + [int(u) for u in updated[:-1]]
     for s, stale in zip(steps, [False] + updated[:-1]):
         if not s["loss"]:
@@ -253,13 +254,13 @@ def test_a_prompt_over_max_prompt_tokens_fails_before_any_actor_starts(tmp_path,
     for name in ("RolloutPool", "LearnerGroup", "RewardPool"):
         monkeypatch.setattr(rayrl.pools, name, lambda *a, _n=name, **k: started.append(_n))
     with pytest.raises(ValueError, match=r"tokens, over grpo.max_prompt_tokens=4"):
-        Run(smoke(tmp_path, **{"grpo.max_prompt_tokens": 4}), RunSpec("smoke-1", 4, 1, 0), tmp_path)
+        Run(smoke(tmp_path, **{"grpo.max_prompt_tokens": 4}), Trial("smoke-1", "base", 4, 1, 0), tmp_path)
     assert started == []
     # the same run with room for its prompts gets as far as starting its pools
     warm_set = object()  # another run's released pools: a cold run neither takes nor drops them
     monkeypatch.setattr(rayrl.pools, "_warm", warm_set)
     with pytest.raises(AttributeError):  # the stand-in pools cannot connect
-        Run(smoke(tmp_path), RunSpec("smoke-1", 4, 1, 0), tmp_path / "ok")
+        Run(smoke(tmp_path), Trial("smoke-1", "base", 4, 1, 0), tmp_path / "ok")
     assert started == ["RolloutPool", "LearnerGroup", "RewardPool"]
     assert rayrl.pools._warm is warm_set
 

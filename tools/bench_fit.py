@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from rayrl.scaling.commands import fit_command
 from rayrl.scaling.compare import compare_forms
+from rayrl.scaling.document import fit_command
 from rayrl.scaling.fit import fit_main_law
 from rayrl.scaling.protocols import intra_model
 from rayrl.scaling.synthetic import make_metrics

@@ -86,14 +86,15 @@ def config(model, out: Path, async_steps: int = 0, cpus: float = 2, steps: int =
 def rayrl_steps(model, steps: int, out: Path, async_steps: int = 0, cpus: float = 2) -> dict:
     import ray
 
-    from rayrl.trainer import Run, RunSpec
+    from rayrl.trainer import Run
+    from rayrl.trial import Trial
 
     # 2 (vLLM) + 2 (learner) + 0.5 (reward) logical CPUs: the phases take turns on the
     # 2 cores, so the slots may add up to more than the machine.
     ray.init(num_cpus=5, include_dashboard=False, log_to_driver=False)
     cfg = config(model, out, async_steps, cpus, steps)
     t0 = time.perf_counter()
-    run = Run(cfg, RunSpec(model.name, SETTINGS["group"], 1, 0), out / f"rayrl-{async_steps}")
+    run = Run(cfg, Trial(model.name, "base", SETTINGS["group"], 1, 0), out / f"rayrl-{async_steps}")
     setup = time.perf_counter() - t0
     if not model.trained:
         run.rewards.shutdown()
@@ -119,7 +120,7 @@ def rayrl_steps(model, steps: int, out: Path, async_steps: int = 0, cpus: float 
         "seconds_per_step": round(wall, 3),
         "split_seconds": {k: round(v, 3) for k, v in split.items()},
         "response_len": round(sum(r["response_len"] for r in timed) / steps, 1),
-        "flat_groups_per_step": sum(r["flat_groups"] for r in timed) / steps,
+        "flat_groups_per_step": sum(r["zero_var_groups"] for r in timed) / steps,
         "reward": "digit share (dense stand-in)" if not model.trained else "rayrl verifier",
     }
 

@@ -6,6 +6,7 @@ torch.distributed group (gloo on CPU, NCCL on GPU); DeepSpeed ZeRO shards the op
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -17,8 +18,9 @@ from typing import Any
 import torch
 
 from rayrl.config import GRPOConfig, ResourcesConfig
-from rayrl.learner.batch import Padded, TrainItem, collate, split_even
-from rayrl.learner.grpo import grpo_loss, is_weights, merge_stats, off_policy, token_logprobs
+from rayrl.learner.batch import Padded, TrainItem, collate
+from rayrl.learner.grpo import grpo_loss, is_weights, off_policy, token_logprobs
+from rayrl.learner.stats import merge
 
 
 def grad_accumulation_steps(grpo: GRPOConfig, rollout_n: int, world_size: int) -> int:
@@ -26,6 +28,15 @@ def grad_accumulation_steps(grpo: GRPOConfig, rollout_n: int, world_size: int) -
     mini_batch = grpo.prompts_per_step // grpo.mini_batches * rollout_n
     smallest_shard = mini_batch // world_size
     return max(1, math.ceil(smallest_shard / grpo.micro_batch))
+
+
+def old_from_training_forward(grpo: GRPOConfig) -> bool:
+    """Is pi_old the training forward's own log-probs, detached? Exact when a step is one
+    update on fresh samples: one mini-batch, one epoch, async_steps 0 (TRL's num_iterations
+    1, veRL's single mini-batch). The IS weights of a bf16 rollout need vLLM's log-probs and
+    pi_old only, so they come from the same forward. Otherwise (the paper's 4 mini-batches)
+    pi_old is a forward of its own, before the first update."""
+    return grpo.mini_batches == 1 and grpo.ppo_epochs == 1 and grpo.async_steps == 0
 
 
 def deepspeed_config(
@@ -38,7 +49,8 @@ def deepspeed_config(
         "train_batch_size": grpo.micro_batch * gas * world_size,
         "gradient_clipping": grpo.grad_clip,
         "zero_optimization": {"stage": resources.zero_stage},
-        "bf16": {"enabled": resources.device == "gpu"},
+        # On GPU bf16 weights with fp32 masters; a CPU learner keeps fp32 weights (autocast).
+        "bf16": {"enabled": resources.device == "gpu" and resources.learner_bf16},
         "steps_per_print": 10**9,
     }
 
@@ -52,6 +64,9 @@ class Learner:
         self.off_policy = off_policy(grpo, resources)  # TIS-weight the policy gradient
         self.gpu = resources.device == "gpu"
         self.device = torch.device("cuda", 0) if self.gpu else torch.device("cpu")
+        # bf16 matmuls over fp32 weights and optimizer states on CPU (resources.learner_dtype)
+        self.autocast = resources.learner_bf16 and not self.gpu
+        self.fused_old = old_from_training_forward(grpo)
         self.sender = None
 
     def address(self) -> tuple[str, int]:
@@ -94,7 +109,7 @@ class Learner:
         self.engine = self.ref = self._hf_ds = None
         gc.collect()  # the last run's engine, before a second copy is built
         torch.manual_seed(grpo.seed + self.rank)
-        dtype = torch.bfloat16 if self.gpu else torch.float32
+        dtype = torch.bfloat16 if self.gpu and self.resources.learner_bf16 else torch.float32
         self.gas = grad_accumulation_steps(grpo, rollout_n, self.world_size)
         ds_config = deepspeed_config(grpo, self.resources, self.gas, self.world_size)
         zero3 = self.resources.zero_stage == 3
@@ -108,13 +123,14 @@ class Learner:
         if self.resources.gradient_checkpointing:
             # Non-reentrant: the form that works with ZeRO-3's parameter hooks.
             policy.gradient_checkpointing_enable({"use_reentrant": False})
-        ref = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).eval()
-        ref.requires_grad_(False)
-        if zero3:  # the reference is sharded too: a ZeRO-3 engine with no optimizer
-            self.ref, *_ = deepspeed.initialize(model=ref, config=ds_config)
-            self.ref.eval()
-        else:
-            self.ref = ref.to(self.device)
+        if grpo.kl_coef != 0:  # at kl_coef 0 no reference: not built, never run
+            ref = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).eval()
+            ref.requires_grad_(False)
+            if zero3:  # the reference is sharded too: a ZeRO-3 engine with no optimizer
+                self.ref, *_ = deepspeed.initialize(model=ref, config=ds_config)
+                self.ref.eval()
+            else:
+                self.ref = ref.to(self.device)
         self.pad_id = policy.config.pad_token_id or 0
         # A client optimizer: FusedAdam needs CUDA, torch's AdamW runs on both.
         opt = torch.optim.AdamW(policy.parameters(), lr=grpo.lr, weight_decay=grpo.weight_decay)
@@ -122,64 +138,94 @@ class Learner:
         return self.gas
 
     def _logprobs(self, model: Any, b: Padded, temperature: float) -> torch.Tensor:
-        logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits[:, :-1]
+        cast = torch.autocast("cpu", torch.bfloat16) if self.autocast else contextlib.nullcontext()
+        with cast:
+            logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits[:, :-1]
         return token_logprobs(logits, b.input_ids[:, 1:], temperature)
 
     def train(
-        self, mini_batches: list[list[TrainItem]], denoms: list[float], temperature: float
+        self, mini_batches: list[list[list[TrainItem]]], denoms: list[float], temperature: float
     ) -> dict[str, float]:
         """One rollout batch: `ppo_epochs` passes over its mini-batches, one optimizer step each.
 
-        mini_batches are this rank's shards of the batch's mini-batches; denoms their
-        loss denominators over every rank (`loss_denominator`), so the update is the same
-        whatever the number of ranks. Returns sums of the statistics (maxima for *_max).
+        mini_batches are this rank's shards of the batch's mini-batches, each cut into
+        micro-batches (`batch.micro_batches`: as many on every rank; an empty one is a
+        zero-loss forward); denoms their loss denominators over every rank
+        (`loss_denominator`), so the update is the same whatever the ranks and the cut.
+        Returns the parts of the step's statistics (rayrl/learner/stats.py), merged.
         """
         t0 = time.perf_counter()
         g = self.grpo
         parts: list[dict[str, float]] = []  # per micro-batch, merged at the end
+        seconds = dict.fromkeys(("time_learn_logprobs", "time_learn_fwd_bwd"), 0.0)
+        seconds["time_learn_optimizer"] = 0.0
+        updates = len(mini_batches) * g.ppo_epochs
+        filler = TrainItem([self.pad_id] * 2, [], 0.0)  # no response tokens: zero loss
+        batches = [
+            [collate(mb or [filler], self.pad_id).to(self.device) for mb in micro]
+            for micro in mini_batches
+        ]
         self.engine.train()
-        # pi_old and pi_ref: once per rollout batch, before the first update.
-        batches = []
+        # pi_old and pi_ref: once per rollout batch, before the first update; pi_old only when
+        # it is not the training forward (`old_from_training_forward`), pi_ref only at kl_coef > 0.
+        before = []
+        t = time.perf_counter()
         with torch.no_grad():
-            for shard in mini_batches:
-                chunks = []
-                for chunk in split_even(shard, self.gas):
-                    b = collate(chunk, self.pad_id).to(self.device)
-                    old = self._logprobs(self.engine, b, temperature)
-                    w = is_weights(old, b.rollout_logp, g.is_cap) if self.off_policy else None
-                    chunks.append((b, old, self._logprobs(self.ref, b, temperature), w))
-                    # The behaviour policy (vLLM's sampler) against the learner's pi_old.
-                    diff = (old - b.rollout_logp).abs()[b.rollout_logp.isfinite()]
-                    parts.append(
-                        {
-                            "logp_diff": float(diff.sum()),
-                            "logp_diff_tokens": diff.numel(),
-                            "logp_diff_max": float(diff.max()) if diff.numel() else 0.0,
-                            "forward_tokens": int(b.attention_mask.sum()),
-                        }
-                    )
-                batches.append(chunks)
-        for _ in range(g.ppo_epochs):
-            for chunks, denom in zip(batches, denoms):
-                for i, (b, old, ref, w) in enumerate(chunks):
+            for micro in batches:
+                before.append([])
+                for b in micro:
+                    old = None if self.fused_old else self._logprobs(self.engine, b, temperature)
+                    ref = None if self.ref is None else self._logprobs(self.ref, b, temperature)
+                    passes = (old is not None) + (ref is not None)
+                    parts.append({"forward_tokens": passes * int(b.attention_mask.sum())})
+                    before[-1].append((old, ref))
+        seconds["time_learn_logprobs"] = time.perf_counter() - t
+        for epoch in range(g.ppo_epochs):
+            for micro, pre, denom in zip(batches, before, denoms):
+                for i, (b, (old, ref)) in enumerate(zip(micro, pre)):
+                    t = time.perf_counter()
                     # The optimizer steps on the mini-batch's last micro-batch, set here rather
                     # than left to DeepSpeed's running micro-step count.
-                    self.engine.set_gradient_accumulation_boundary(i == len(chunks) - 1)
+                    self.engine.set_gradient_accumulation_boundary(i == len(micro) - 1)
                     logp = self._logprobs(self.engine, b, temperature)
+                    old = logp.detach() if old is None else old  # one update: pi_old = pi
+                    ref = logp.detach() if ref is None else ref  # kl_coef 0: KL term 0
+                    w = is_weights(old, b.rollout_logp, g.is_cap) if self.off_policy else None
+                    if epoch == 0:
+                        parts.append(self._behaviour_stats(old, b))
                     loss, stats = grpo_loss(
                         logp, old, ref, b.advantages, b.response_mask, g, denom, w
                     )
                     # DeepSpeed averages gradients over ranks, and each rank's loss is its part
                     # of the batch's sum: scaled back up, the update is the global one.
                     self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
+                    t1 = time.perf_counter()
                     self.engine.step()
-                    stats |= {"loss": loss.item(), "tokens_processed": int(b.attention_mask.sum())}
+                    seconds["time_learn_optimizer"] += time.perf_counter() - t1
+                    seconds["time_learn_fwd_bwd"] += t1 - t
+                    slots = b.attention_mask.numel()
+                    tokens = int(b.attention_mask.sum())
+                    stats |= {
+                        "loss": loss.item() / updates,  # mean over the step's updates
+                        "tokens_processed": tokens,
+                        "pad_frac": slots - tokens,  # padding / B x T, over every forward
+                        "slots": slots,
+                    }
                     parts.append(stats)
-        sums = merge_stats(parts)
         grad_norm = self.engine.get_global_grad_norm()  # of the last update
-        sums["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
-        sums["seconds"] = time.perf_counter() - t0
-        return sums
+        grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+        parts.append(seconds | {"grad_norm": grad_norm, "seconds": time.perf_counter() - t0})
+        return merge(parts)
+
+    @staticmethod
+    def _behaviour_stats(old: torch.Tensor, b: Padded) -> dict[str, float]:
+        """The behaviour policy (vLLM's sampler) against the learner's pi_old."""
+        diff = (old - b.rollout_logp).abs()[b.rollout_logp.isfinite()]
+        return {
+            "logp_diff_mean": float(diff.sum()),
+            "logp_diff_tokens": diff.numel(),
+            "logp_diff_max": float(diff.max()) if diff.numel() else 0.0,
+        }
 
     def stream_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         """The policy's weights by HF name, one module at a time. Under ZeRO-3 each module
@@ -206,7 +252,7 @@ class Learner:
     def resident_param_bytes(self) -> int:
         """Bytes of policy and reference parameters this rank holds (its shards under ZeRO-3)."""
         total = 0
-        for model in (self.engine.module, self.ref):
+        for model in (m for m in (self.engine.module, self.ref) if m is not None):
             for p in model.parameters():
                 # ZeRO-3 keeps the shard in ds_tensor and frees p.data, except for the small
                 # parameters it keeps whole on every rank (stage3_param_persistence_threshold).

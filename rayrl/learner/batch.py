@@ -58,3 +58,43 @@ def split_even(items: list, parts: int) -> list[list]:
         out.append(items[start:end])
         start = end
     return out
+
+
+def length(item: TrainItem) -> int:
+    """Sequence tokens of one item: what its row of a padded batch needs."""
+    return len(item.prompt_ids) + len(item.response_ids)
+
+
+def cut_by_tokens(items: list[TrainItem], budget: int) -> list[list[TrainItem]]:
+    """Items sorted by length, cut so each micro-batch's padded size (its size x its longest
+    item) stays within `budget` tokens; an item longer than the budget goes alone."""
+    out: list[list[TrainItem]] = []
+    for it in sorted(items, key=length):
+        # Sorted ascending, so the newest item is the longest: padded size = (k + 1) x it.
+        if out and (len(out[-1]) + 1) * length(it) <= budget:
+            out[-1].append(it)
+        else:
+            out.append([it])
+    return out
+
+
+def micro_batches(
+    shards: list[list[TrainItem]], gas: int, budget: int
+) -> list[list[list[TrainItem]]]:
+    """Each rank's shard of one mini-batch as micro-batches, as many on every rank (ZeRO-2
+    reduces gradients at every backward, so the ranks' backwards must pair up).
+
+    budget 0: `gas` near-equal micro-batches in rollout order. budget > 0: `cut_by_tokens`;
+    a rank with fewer micro-batches than the most splits its largest in two until it has as
+    many, and pads with empty ones (a zero-loss forward) when it runs out of items.
+    """
+    if budget == 0:
+        return [split_even(shard, gas) for shard in shards]
+    cuts = [cut_by_tokens(shard, budget) for shard in shards]
+    k = max(len(c) for c in cuts)
+    for c in cuts:
+        while len(c) < k and any(len(mb) > 1 for mb in c):
+            i = max(range(len(c)), key=lambda j: len(c[j]))
+            c[i : i + 1] = split_even(c[i], 2)
+        c.extend([] for _ in range(k - len(c)))
+    return cuts

@@ -8,12 +8,10 @@ from typing import Any
 import ray
 
 from rayrl.config import GRPOConfig, ResourcesConfig
-from rayrl.learner.actor import Learner
-from rayrl.learner.batch import TrainItem, split_even
-from rayrl.learner.grpo import loss_denominator, merge_stats
-
-# Token-weighted means over every update of a step.
-MEAN_PER_TOKEN = ("pg_loss", "kl", "clip_frac", "clip_frac_dual", "ratio_mean")
+from rayrl.learner.actor import Learner, grad_accumulation_steps
+from rayrl.learner.batch import TrainItem, micro_batches, split_even
+from rayrl.learner.grpo import loss_denominator
+from rayrl.learner.stats import finish, merge
 
 
 class LearnerGroup:
@@ -24,6 +22,7 @@ class LearnerGroup:
         call made earlier queues behind the build."""
         n = resources.learners
         self.grpo = grpo
+        self.gas = grad_accumulation_steps(grpo, rollout_n, n)  # micro-batches per update
         remote = ray.remote(Learner).options(
             num_cpus=resources.cpus_per_actor,
             num_gpus=1 if resources.device == "gpu" else 0,
@@ -38,25 +37,19 @@ class LearnerGroup:
         # could split a learner's 1-CPU bundle, leaving it unplaceable (seen in the tiny study).
         master = ray.get([a.address.remote() for a in self.actors])[0]
         self._building = [a.setup.remote(master, model_path, rollout_n) for a in self.actors]
-        self._gas = 0
 
     def wait_ready(self) -> None:
         """Block until every rank's engine is built; raises if one failed to build."""
         if self._building:
-            self._gas = ray.get(self._building)[0]
+            ray.get(self._building)
             self._building = []
-
-    @property
-    def gas(self) -> int:
-        """Micro-batches per rank per optimizer step (waits for the engines)."""
-        self.wait_ready()
-        return self._gas
 
     def reset(self, model_path: str, rollout_n: int) -> None:
         """A new run on the same ranks: each rebuilds its engine from `model_path`'s weights
         with a fresh optimizer, as a cold start would; the process group and the weight
         sender stay."""
         self.wait_ready()
+        self.gas = grad_accumulation_steps(self.grpo, rollout_n, len(self.actors))
         self._building = [a.build.remote(model_path, rollout_n) for a in self.actors]
 
     def alive(self) -> bool:
@@ -76,40 +69,23 @@ class LearnerGroup:
         """Start `train` on the ranks and return at once; the returned call waits for the
         step and gives its statistics (the overlapped loop generates in between).
 
-        The batch is cut into mini-batches first (contiguous, so groups stay whole) and each
-        mini-batch is sharded across the ranks: the updates do not depend on the rank count.
+        The batch is cut into mini-batches first (contiguous, so groups stay whole), each
+        mini-batch is sharded across the ranks and each shard cut into micro-batches
+        (`grpo.micro_batch` samples, or by `grpo.micro_batch_tokens`): the updates depend on
+        neither the rank count nor the cut. The statistics merge by rayrl/learner/stats.py.
         """
         g = self.grpo
         mini_batches = split_even(items, g.mini_batches)
-        denoms = [
-            loss_denominator([len(it.response_ids) for it in mb], g.loss_agg) for mb in mini_batches
+        denoms = [loss_denominator([len(it.response_ids) for it in mb], g) for mb in mini_batches]
+        shards = [
+            micro_batches(split_even(mb, len(self.actors)), self.gas, g.micro_batch_tokens)
+            for mb in mini_batches
         ]
-        shards = [split_even(mb, len(self.actors)) for mb in mini_batches]
         refs = [
             a.train.remote([s[r] for s in shards], denoms, temperature)
             for r, a in enumerate(self.actors)
         ]
-        return lambda: self._step_stats(ray.get(refs))
-
-    def _step_stats(self, per_rank: list[dict[str, float]]) -> dict[str, float]:
-        g = self.grpo
-        total = merge_stats(per_rank)
-        tokens = max(total["tokens"], 1.0)
-        updates = g.mini_batches * g.ppo_epochs
-        return {
-            "loss": total["loss"] / updates,  # mean over updates of each update's loss
-            **{k: total[k] / tokens for k in MEAN_PER_TOKEN},
-            "ratio_max": total["ratio_max"],
-            "logp_diff_mean": total["logp_diff"] / max(total["logp_diff_tokens"], 1.0),
-            "logp_diff_max": total["logp_diff_max"],
-            "is_weight_mean": total["is_weight"] / tokens,
-            "is_weight_max": total["is_weight_max"],
-            "is_capped_frac": total["is_capped"] / tokens,
-            "grad_norm": per_rank[0]["grad_norm"],
-            "tokens_processed": total["tokens_processed"],
-            "forward_tokens": total["forward_tokens"],
-            "seconds": max(r["seconds"] for r in per_rank),
-        }
+        return lambda: finish(merge(ray.get(refs)))
 
     def named_weights(self) -> list[tuple[str, Any]]:
         """Rank 0's full weights; every rank is asked, since under ZeRO-3 gathering is a collective."""

@@ -54,7 +54,10 @@ def check_model_dir(cfg: Config, path: str, key: str) -> Path:
             f"{where}: key '{key}' expected an HF model directory (config.json and "
             f"{' or '.join(WEIGHT_GLOBS)} weights) or a .gguf file, got {path!r}"
         )
-    hf = json.loads(config.read_text())
+    try:
+        hf = json.loads(config.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{where}: key '{key}': {config} is not valid JSON ({e})") from None
     archs = hf.get("architectures") or []
     supported = vllm_architectures()
     if not any(a in supported for a in archs):

@@ -1,18 +1,20 @@
 """GPU memory per actor, estimated from a model's architecture and a config's resources.
 
-`rayrl study CONFIG --dry-run` (rayrl/dryrun.py) checks these estimates against
+`rayrl study CONFIG --dry-run` (rayrl/study/dryrun.py) checks these estimates against
 resources.gpu_memory_gib before any GPU is spent. They are estimates, not measurements:
 sums of tensor sizes for what each actor holds at its peak, plus fixed allowances for what
 does not follow from the shapes (CUDA context, allocator slack, CUDA graphs). Every term is
 named so that a run's measured peak can be set beside it.
 
-Learner rank (one GPU, bf16 on GPU as learner/actor.py builds it), P parameters, N ranks:
-  weights 2P, gradients 2P, Adam 12P (fp32 master copy + two moments), sharded over N ranks
-  from ZeRO stage 3, 2 and 1 respectively (Rajbhandari et al. 2020, "ZeRO", section 5);
-  the reference model 2P, sharded like the weights (issue 16's ZeRO-3 design: policy and
-  reference built sharded; today's learner loads both whole, +2P per rank under ZeRO-3);
+Learner rank (one GPU, bf16 as learner/actor.py builds it at resources.learner_dtype auto),
+P parameters, N ranks: weights 2P, gradients 2P, Adam 12P (fp32 master copy + two moments;
+8P and 4-byte weights, gradients and activations at learner_dtype float32), sharded over N
+ranks from ZeRO stage 3, 2 and 1 respectively (Rajbhandari et al. 2020, "ZeRO", section 5);
+  the reference model 2P, sharded like the weights, and none at grpo.kl_coef 0 (the learner
+  builds none);
   DeepSpeed's buffers at its defaults; activations of one micro-batch of
-  grpo.micro_batch x (max_prompt_tokens + max_new_tokens) tokens; the fp32 log-softmax
+  grpo.micro_batch x (max_prompt_tokens + max_new_tokens) tokens (or grpo.micro_batch_tokens,
+  at least one whole sample); the fp32 log-softmax
   over the vocabulary for those tokens (learner/grpo.py token_logprobs).
 vLLM engine (tensor_parallel GPUs): weights / tensor_parallel, the KV cache
   (resources.vllm_kv_cache_gib, which vLLM gets as kv_cache_memory_bytes per GPU), and an
@@ -42,7 +44,6 @@ DS_BUCKET = 500_000_000
 DS_MAX_LIVE = 1_000_000_000
 
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "half": 2, "float32": 4, "float": 4}
-LEARNER_GPU_BYTES = 2  # bf16
 
 
 @dataclass(frozen=True)
@@ -154,9 +155,12 @@ def learner_gib(
 ) -> dict[str, float]:
     """Estimated GiB on one learner rank's GPU, by part. `checkpointing`: whether decoder
     layers recompute their activations in backward (then each keeps only its input)."""
-    p, n, z, b = arch.params(), r.learners, r.zero_stage, LEARNER_GPU_BYTES
-    tokens = g.micro_batch * (g.max_prompt_tokens + g.max_new_tokens)
-    per_layer = arch.activation_bytes_per_token()
+    p, n, z = arch.params(), r.learners, r.zero_stage
+    b = DTYPE_BYTES["bfloat16" if r.learner_bf16 else "float32"]
+    longest = g.max_prompt_tokens + g.max_new_tokens
+    # One micro-batch: micro_batch samples, or the token budget (a longer sample goes alone).
+    tokens = max(g.micro_batch_tokens, longest) if g.micro_batch_tokens else g.micro_batch * longest
+    per_layer = arch.activation_bytes_per_token() * b // 2  # counted in bf16
     if checkpointing:
         activations = tokens * (arch.layers * b * arch.hidden + per_layer)
     else:
@@ -171,13 +175,14 @@ def learner_gib(
     parts = {
         "weights": b * p / (n if z >= 3 else 1),
         "gradients": b * p / (n if z >= 2 else 1),
-        "adam": 12 * p / (n if z >= 1 else 1),
-        "reference": b * p / (n if z >= 3 else 1),
+        "adam": (12 if b == 2 else 8) * p / (n if z >= 1 else 1),  # + fp32 master in bf16
         "zero_buffers": buffers,
         "activations": activations,
         # logits in bf16 -> fp32 copies in token_logprobs, and their gradient in backward
         "logits": tokens * arch.vocab * 12,
     }
+    if g.kl_coef != 0:
+        parts["reference"] = b * p / (n if z >= 3 else 1)
     return {k: v / GIB for k, v in parts.items()} | {"runtime": LEARNER_RUNTIME_GIB}
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import importlib
+import json
 import os
 import resource
 import signal
@@ -54,9 +55,12 @@ def _serve(conn: Connection, module, memory_mb: int) -> None:
             os._exit(0)
 
 
-def zygote_main(ctl_fd: int, module_name: str, memory_mb: int) -> None:
-    """Import the module once, then fork a worker per request and hand its socket to the parent."""
+def zygote_main(ctl_fd: int, module_name: str, memory_mb: int, setup: str = "") -> None:
+    """Import the module once (and call its setup(*json.loads(setup)) when given), then fork a
+    worker per request and hand its socket to the parent."""
     module = importlib.import_module(module_name)
+    if setup:
+        module.setup(*json.loads(setup))
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # workers are reaped automatically
     ctl = socket.socket(fileno=ctl_fd)
     while ctl.recv(1):
@@ -83,8 +87,10 @@ class Isolated:
     Thread-safe; calls are serialized, one worker per Isolated.
     """
 
-    def __init__(self, module: str, memory_mb: int = 1024):
+    def __init__(self, module: str, memory_mb: int = 1024, setup: list | None = None):
+        """setup: arguments (JSON values) of module.setup, called once in the zygote."""
         self.module, self.memory_mb = module, memory_mb
+        self.setup = json.dumps(setup) if setup is not None else ""
         self.kills = 0  # workers killed on timeout
         self._forget()
         # A forked copy of this process must not talk to our worker: it starts its own.
@@ -100,8 +106,8 @@ class Isolated:
     def _start_zygote(self) -> None:
         self._stop_zygote()
         ours, theirs = socket.socketpair()
-        code = "import sys; from rayrl.rewards.isolate import zygote_main as z; a = sys.argv; z(int(a[1]), a[2], int(a[3]))"
-        argv = [str(theirs.fileno()), self.module, str(self.memory_mb)]
+        code = "import sys; from rayrl.rewards.isolate import zygote_main as z; a = sys.argv; z(int(a[1]), a[2], int(a[3]), a[4])"
+        argv = [str(theirs.fileno()), self.module, str(self.memory_mb), self.setup]
         self._zygote = subprocess.Popen(
             [sys.executable, "-c", code, *argv],
             pass_fds=[theirs.fileno()],

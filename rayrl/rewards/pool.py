@@ -1,6 +1,7 @@
 """RewardPool: Ray actors that score batches in parallel, replacing any actor that dies.
 
-Each actor runs score_detailed, so every item already has its own hard timeout (isolate.py,
+Each actor runs score_detailed, or a rewards.custom function (custom.py) for an item that
+carries its row and rule, so every item already has its own hard timeout (isolate.py,
 sandbox.py). The pool hands out chunks one at a time per actor; a chunk whose actor died is
 retried once on a fresh actor, and scored as "error" if that one dies too.
 """
@@ -11,17 +12,29 @@ import math
 import time
 from collections import Counter, deque
 from collections.abc import Mapping
+from typing import Any
 
 import ray
 from ray.exceptions import RayActorError
 from ray.util.placement_group import PlacementGroup
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from rayrl.rewards.custom import Rule, check_failures, score_custom
 from rayrl.rewards.dispatch import DEFAULT_TIMEOUT_S, score_detailed
 from rayrl.rewards.math import warm
 from rayrl.rewards.verdict import Verdict
 
-Item = tuple[str, str, str | Mapping]  # (data_source, response, ground_truth)
+# (data_source, response, ground_truth), scored by rayrl's verifiers, or
+# (data_source, response, ground_truth, row, rule), scored by the rule's function.
+Item = tuple[str, str, str | Mapping] | tuple[str, str, Any, dict, Rule]
+
+
+def score_item(item: Item, timeout_s: float) -> Verdict:
+    if len(item) == 5:
+        _, response, truth, row, rule = item
+        return score_custom(rule, response, truth, row, timeout_s)
+    ds, response, truth = item
+    return score_detailed(ds, response, truth, timeout_s=timeout_s)
 
 
 @ray.remote(max_restarts=0)
@@ -33,7 +46,7 @@ class RewardWorker:
         return True
 
     def score(self, items: list[Item], timeout_s: float) -> list[Verdict]:
-        return [score_detailed(ds, resp, gt, timeout_s=timeout_s) for ds, resp, gt in items]
+        return [score_item(item, timeout_s) for item in items]
 
 
 class RewardPool:
@@ -59,6 +72,8 @@ class RewardPool:
         self._seconds = 0.0
 
     def score(self, items: list[Item]) -> list[Verdict]:
+        """Verdicts in item order. Raises CustomRewardError when a rewards.custom function
+        failed on more than its share of this batch's calls (custom.check_failures)."""
         start = time.monotonic()
         size = max(
             1, math.ceil(len(items) / (4 * len(self.actors)))
@@ -91,6 +106,7 @@ class RewardPool:
         self._counts["items"] += len(verdicts)
         self._counts.update(v.reason for v in verdicts)
         self._seconds += time.monotonic() - start
+        check_failures(items, verdicts)
         return verdicts
 
     def metrics(self) -> dict:

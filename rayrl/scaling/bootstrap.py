@@ -12,6 +12,8 @@ import numpy as np
 from scipy.stats import norm
 from scipy.stats import t as student_t
 
+N_BOOT = 1000  # bootstrap draws over whole runs, by default (`rayrl fit`)
+
 
 def run_counts(size_of_run: np.ndarray, n_boot: int, rng: np.random.Generator) -> np.ndarray:
     """(n_boot, n_runs) multiplicities: each size's runs drawn with replacement, as many as it has."""

@@ -44,6 +44,43 @@ class Points:
         return replace(self, **arrays, warnings=list(self.warnings), excluded=dict(self.excluded))
 
 
+def main_rollout_n(df: pd.DataFrame) -> int | None:
+    """The group size most model sizes ran at tau = 1 (ties: more runs, then the smaller n):
+    the size sweep's, when a table does not say."""
+    base = df[pd.to_numeric(df["reuse_factor"], errors="coerce").fillna(1) == 1]
+    if base.empty or "rollout_n" not in base.columns:
+        return None
+    by_n = base.groupby("rollout_n").agg(sizes=("n_params", "nunique"), runs=("run_id", "nunique"))
+    best = by_n.reset_index().sort_values(
+        ["sizes", "runs", "rollout_n"], ascending=[False, False, True]
+    )
+    return int(best["rollout_n"].iloc[0])
+
+
+def law_rows(df: pd.DataFrame, rollout_n: int | None = None) -> tuple[pd.DataFrame, dict]:
+    """The one rule for the rows of a main law, which the live fitter, `rayrl fit`, the
+    report, the planner and the scheduler all go through: tau = 1 at the main group size
+    (the study's grpo.rollout_n; by default main_rollout_n), so k(N) compares like with like.
+    Runs at other n feed the rollout-n study, reuse runs the eq. 9 study.
+
+    Returns the rows and what the rule kept and left out, for the fit document."""
+    rule: dict = {"reuse_factor": 1, "excluded": {}}
+    if "reuse_factor" in df.columns:
+        reuse = pd.to_numeric(df["reuse_factor"], errors="coerce").fillna(1)
+        if (reuse != 1).any():
+            rule["excluded"]["reuse_factor != 1"] = int((reuse != 1).sum())
+        df = df[reuse == 1]
+    if "rollout_n" in df.columns:
+        n = main_rollout_n(df) if rollout_n is None else rollout_n
+        rule["rollout_n"] = n
+        off = df["rollout_n"] != n
+        if off.any():
+            rule["excluded"][f"rollout_n != {n}"] = int(off.sum())
+        df = df[~off]
+    rule["runs"] = sorted(map(str, df["run_id"].unique())) if "run_id" in df.columns else []
+    return df, rule
+
+
 def to_points(
     df: pd.DataFrame,
     x: str = "compute",
@@ -69,13 +106,6 @@ def to_points(
         if "family" not in df.columns or family not in set(df["family"].astype(str)):
             raise MetricsError(f"{source}: no rows with family == {family!r}")
         df = df[df["family"].astype(str) == family]
-
-    # The main law describes tau = 1 runs; reuse runs go to the eq. 9 study instead.
-    if "reuse_factor" in df.columns:
-        reuse = pd.to_numeric(df["reuse_factor"], errors="coerce").fillna(1)
-        if (reuse == 1).any() and (reuse != 1).any():
-            excluded["reuse_factor != 1"] = int((reuse != 1).sum())
-            df = df[reuse == 1]
 
     L = pd.to_numeric(df["test_loss"], errors="coerce").to_numpy(float)
     X = pd.to_numeric(df[x_col], errors="coerce").to_numpy(float)

@@ -37,7 +37,7 @@ import ray
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
 from rayrl.metrics import EVAL, KIND, SWEEPS, TOTAL_STEPS, projected_end, x_column
-from rayrl.scaling.fitter import Forecast
+from rayrl.study.fitter import Forecast
 
 log = logging.getLogger(__name__)
 DECISIONS = "scheduler.jsonl"  # in the study directory: one Decision per judged eval row

@@ -37,7 +37,7 @@ import pandas as pd
 import ray
 
 from rayrl.metrics import FORECAST, REQUIRED, LawKey, MetricsError, check_columns, x_column
-from rayrl.scaling.commands import fit_table, laws_of, without_draws, write_json
+from rayrl.scaling.document import fit_table, laws_of, without_draws, write_json
 from rayrl.scaling.fit import FitError, MainFit
 from rayrl.scaling.planner import best_size, reuse_study
 from rayrl.scaling.protocols import RunFit, fit_run
@@ -110,10 +110,17 @@ class Fitter:
     """The actor's logic; FitterActor is this class under ray.remote."""
 
     def __init__(
-        self, out_dir: str, x: str = "compute", min_interval_s: float = 5.0, n_boot: int = 200
+        self,
+        out_dir: str,
+        x: str = "compute",
+        min_interval_s: float = 5.0,
+        n_boot: int = 200,
+        rollout_n: int | None = None,
     ):
+        """rollout_n: the study's main group size, which picks the law's rows (table.law_rows)
+        as the report does."""
         self.column = x_column(x)
-        self.out_dir, self.x = Path(out_dir), x
+        self.out_dir, self.x, self.rollout_n = Path(out_dir), x, rollout_n
         self.min_interval_s, self.n_boot = min_interval_s, n_boot
         self.parts_dir = self.out_dir / "rows"
         self.parts_dir.mkdir(parents=True, exist_ok=True)
@@ -191,7 +198,13 @@ class Fitter:
             doc, laws = {"status": "empty", "families": {}}, {}
             if len(rows):
                 try:
-                    doc = fit_table(rows, self.x, n_boot=self.n_boot, source=str(self.parts_dir))[0]
+                    doc = fit_table(
+                        rows,
+                        self.x,
+                        n_boot=self.n_boot,
+                        source=str(self.parts_dir),
+                        rollout_n=self.rollout_n,
+                    )[0]
                     laws = laws_of(doc)
                 except (MetricsError, FitError) as e:
                     doc = {"status": "error", "error": str(e), "families": {}}
@@ -322,7 +335,9 @@ def fitter_name(study_dir: str | Path) -> str:
     return f"fitter-{Path(resolved).name}-{hashlib.sha256(resolved.encode()).hexdigest()[:12]}"
 
 
-def start_fitter(study_dir: str | Path, x: str = "compute") -> ray.actor.ActorHandle:
+def start_fitter(
+    study_dir: str | Path, x: str = "compute", rollout_n: int | None = None
+) -> ray.actor.ActorHandle:
     """A fresh fitter for the study at study_dir, reloading its rows from study_dir/fitter.
 
     A leftover one (a driver that crashed before stop_fitter) is replaced, so a resumed
@@ -333,7 +348,7 @@ def start_fitter(study_dir: str | Path, x: str = "compute") -> ray.actor.ActorHa
     stop_fitter(study_dir)
     return FitterActor.options(
         name=name, namespace=NAMESPACE, lifetime="detached", scheduling_strategy="DEFAULT"
-    ).remote(str(Path(study_dir).resolve() / "fitter"), x)
+    ).remote(str(Path(study_dir).resolve() / "fitter"), x, rollout_n=rollout_n)
 
 
 def get_fitter(study_dir: str | Path) -> ray.actor.ActorHandle:

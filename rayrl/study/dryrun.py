@@ -15,7 +15,7 @@ from typing import Any
 
 from rayrl.config import Config, ConfigError
 from rayrl.models.memory import architecture, learner_gib, rollout_gib
-from rayrl.study import trial_resources
+from rayrl.study.tuner import trial_resources
 
 PLACEMENT_TIMEOUT_S = 60.0  # per trial; an autoscaler may add nodes meanwhile
 
@@ -42,7 +42,7 @@ class ActorEstimate:
 
 def models_of(cfg: Config) -> list[tuple[str, str]]:
     """The study's distinct (model, family) pairs, in trial order."""
-    return list(dict.fromkeys((t["model"], t["family"]) for t in cfg.trials()))
+    return list(dict.fromkeys((t.model, t.family) for t in cfg.trials()))
 
 
 def estimates(cfg: Config, checkpointing: bool | None = None) -> list[ActorEstimate]:
@@ -141,7 +141,7 @@ def placement_failures(cfg: Config, timeout_s: float = PLACEMENT_TIMEOUT_S) -> l
     out = []
     unplaced: dict[str, str] = {}  # bundles -> why: a trial like one that failed is not retried
     for t in cfg.trials():
-        pgf = trial_resources(cfg, t["model"], t["family"])
+        pgf = trial_resources(cfg, t.model, t.family)
         key = format_bundles(pgf.bundles)
         if key not in unplaced:
             pg = pgf.to_placement_group()
@@ -153,8 +153,8 @@ def placement_failures(cfg: Config, timeout_s: float = PLACEMENT_TIMEOUT_S) -> l
                 remove_placement_group(pg)
         if key in unplaced:
             out.append(
-                f"{t['model']} ({t['family']}, seed {t['seed']}, rollout_n {t['rollout_n']}, "
-                f"reuse {t['reuse_factor']}): its placement group was {unplaced[key]}"
+                f"{t.model} ({t.family}, seed {t.seed}, rollout_n {t.rollout_n}, "
+                f"reuse {t.reuse_factor}): its placement group was {unplaced[key]}"
             )
     return out
 
@@ -188,7 +188,7 @@ def dry_run(cfg: Config, placement_timeout_s: float | None = None) -> None:
     trials = cfg.trials()
     print(f"{cfg.source}: {len(trials)} trials of {len(models_of(cfg))} models")
     for model, family in models_of(cfg):
-        n = sum(1 for t in trials if (t["model"], t["family"]) == (model, family))
+        n = sum(1 for t in trials if (t.model, t.family) == (model, family))
         bundles = trial_resources(cfg, model, family).bundles
         print(f"  {model} ({family}): {n} trials, bundles {format_bundles(bundles)}")
     rows = estimates(cfg)

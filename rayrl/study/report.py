@@ -17,17 +17,12 @@ import pandas as pd  # noqa: E402
 from matplotlib.ticker import FormatStrFormatter  # noqa: E402
 
 from rayrl.config import load_config  # noqa: E402
-from rayrl.metrics import BENCHMARK, families, read_metrics  # noqa: E402
+from rayrl.metrics import BENCHMARK, UNITS, families, read_metrics, x_column  # noqa: E402
 from rayrl.scaling.fit import saturation  # noqa: E402
-from rayrl.scaling.scheduler import read_decisions  # noqa: E402
+from rayrl.study.scheduler import read_decisions  # noqa: E402
 
 REPORT_BOOT = 300  # bootstrap draws: intervals for a report, not a paper table
 INTRA_MAE = 0.02  # the paper's standard for the intra-model protocol's held-out error
-
-
-def main_law_rows(df: pd.DataFrame, rollout_n: int) -> pd.DataFrame:
-    """The size sweep: tau = 1 at the study's main group size, so k(N) compares like with like."""
-    return df[(df["reuse_factor"] == 1) & (df["rollout_n"] == rollout_n)]
 
 
 def label(family: str, model: str) -> str:
@@ -133,12 +128,13 @@ def plot_benchmarks(df: pd.DataFrame, path: Path) -> Path | None:
     return path
 
 
-def scheduler_summary(study_dir: Path, df: pd.DataFrame) -> dict[str, Any]:
-    """Compute saved by stopped trials, and whether any of them would have won."""
+def scheduler_summary(study_dir: Path, df: pd.DataFrame, x_col: str) -> dict[str, Any]:
+    """The resource X (compute or data, the scheduler's axis `x_col`) saved by stopped
+    trials, and whether any of them would have won."""
     decisions = read_decisions(study_dir)
     stops = {d["run_id"]: d for d in decisions if d["action"] == "stop"}
     final = final_rows(df).set_index("run_id")
-    spent = float(final["compute_flops"].sum()) if len(final) else 0.0
+    spent = float(final[x_col].sum()) if len(final) else 0.0
     saved = sum(max(d["x_end"] - d["x_now"], 0.0) for d in stops.values())
     finished = final.drop(index=[r for r in stops if r in final.index])
     best = float(finished["test_loss"].min()) if len(finished) else float("nan")
@@ -148,8 +144,8 @@ def scheduler_summary(study_dir: Path, df: pd.DataFrame) -> dict[str, Any]:
     return {
         "decisions": len(decisions),
         "stopped": stops,
-        "compute_spent": spent,
-        "compute_saved": saved,
+        "spent": spent,
+        "saved": saved,
         "saved_fraction": saved / (spent + saved) if spent + saved > 0 else 0.0,
         "best_finished_loss": best,
         "stopped_that_would_have_won": would_win,
@@ -157,20 +153,22 @@ def scheduler_summary(study_dir: Path, df: pd.DataFrame) -> dict[str, Any]:
 
 
 def _fit(
-    study_dir: Path, table: Path, x: str, out: str, protocol: str = "inter", main: bool = True
+    study_dir: Path, rollout_n: int, x: str, out: str, protocol: str = "inter", main: bool = True
 ) -> dict[str, Any]:
-    """`rayrl fit` on the size sweep; main=False skips the main law's bootstrap and figures
-    (a fit for its protocol alone)."""
-    from rayrl.scaling.commands import fit_command
+    """`rayrl fit` on the study's rows, whose law rows are those of the live fitter
+    (table.law_rows at the study's group size); main=False skips the main law's bootstrap
+    and figures (a fit for its protocol alone)."""
+    from rayrl.scaling.document import fit_command
 
     try:
         return fit_command(
-            str(table),
+            str(study_dir / "metrics.parquet"),
             x=x,
             protocol=protocol,
             out=str(study_dir / out),
             figures=main,
             n_boot=REPORT_BOOT if main else 0,
+            rollout_n=rollout_n,
         )
     except ValueError as e:  # MetricsError included: no family has usable rows
         return {"status": "error", "error": str(e), "families": {}}
@@ -284,21 +282,21 @@ def _answers(first: pd.Series, last: pd.Series) -> str:
 
 def write_report(study_dir: Path) -> Path:
     """Write study_dir/report.md and its figures; returns the report's path."""
-    from rayrl.scaling.commands import plan_command
+    from rayrl.scaling.document import plan_command
+    from rayrl.scaling.table import law_rows
 
     study_dir = Path(study_dir)
     cfg = load_config(study_dir / "config.yaml")
     df = read_metrics(study_dir / "metrics.parquet")
-    scaling = main_law_rows(df, cfg.grpo.rollout_n)
-    scaling_table = study_dir / "metrics_scaling.parquet"
-    scaling.to_parquet(scaling_table, index=False)
-    fit_c = _fit(study_dir, scaling_table, "compute", "fit.json")
-    fit_d = _fit(study_dir, scaling_table, "data", "fit_data.json")
-    fit_i = _fit(study_dir, scaling_table, "compute", "fit_intra.json", "intra", main=False)
+    n = cfg.grpo.rollout_n
+    scaling, rule = law_rows(df, n)
+    fit_c = _fit(study_dir, n, "compute", "fit.json")
+    fit_d = _fit(study_dir, n, "data", "fit_data.json")
+    fit_i = _fit(study_dir, n, "compute", "fit_intra.json", "intra", main=False)
     reuse_png = plot_reuse(df[df["rollout_n"] == cfg.grpo.rollout_n], study_dir / "reuse.png")
     rollout_png = plot_rollout_n(df, study_dir / "rollout_n.png")
     bench_png = plot_benchmarks(scaling, study_dir / "benchmarks.png")
-    sched = scheduler_summary(study_dir, df)
+    sched = scheduler_summary(study_dir, df, x_column(cfg.study.x))
 
     final = final_rows(df)
     lines = [f"# rayrl study report: {cfg.study.name}", ""]
@@ -326,7 +324,13 @@ def write_report(study_dir: Path) -> Path:
             f"{_answers(first.loc[r['run_id']], r)} |"
         )
     lines += ["", "## Scaling laws: log L = -k(N)·log X + E(N), k(N) = k_max / (1 + N0/N)", ""]
-    lines += [f"Fitted per family; fit.json status {fit_c['status']}.", ""]
+    left_out = ", ".join(f"{k}: {v} rows" for k, v in rule["excluded"].items()) or "none"
+    lines += [
+        f"Fitted per family; fit.json status {fit_c['status']}. Rows of the laws (the live "
+        f"fitter's too): tau = 1 at rollout n = {n}, {len(rule['runs'])} runs; left out: "
+        f"{left_out}.",
+        "",
+    ]
     for fig in fit_c.get("figures", []):  # the families' k(N) side by side
         rel = Path(fig).name
         lines += [f"![{rel}]({rel})", ""]
@@ -387,23 +391,24 @@ def write_report(study_dir: Path) -> Path:
         for budget in (top, 10 * top):
             lines += [
                 "```",
-                plan_command(str(study_dir / "fit.json"), compute_budget=budget),
+                plan_command(str(study_dir / "fit.json"), compute_budget=budget)[0],
                 "```",
                 "",
             ]
         if any(fam["laws"] for fam in fit_d["families"].values()):
             lines += [
                 "```",
-                plan_command(str(study_dir / "fit_data.json"), data_budget=top_d),
+                plan_command(str(study_dir / "fit_data.json"), data_budget=top_d)[0],
                 "```",
                 "",
             ]
     else:
         lines += ["No law to plan with (see the fit status above).", ""]
     lines += ["## Scheduler", ""]
+    unit = UNITS[cfg.study.x]
     lines += [
         f"{sched['decisions']} decisions logged in scheduler.jsonl; {len(sched['stopped'])} trials stopped, "
-        f"saving {sched['compute_saved']:.3g} FLOPs ({sched['saved_fraction']:.1%} of what the study "
+        f"saving {sched['saved']:.3g} {unit} ({sched['saved_fraction']:.1%} of what the study "
         f"would have spent). Stopped trials predicted to beat the best finished loss "
         f"({sched['best_finished_loss']:.3f}): {sched['stopped_that_would_have_won'] or 'none'}.",
         "",

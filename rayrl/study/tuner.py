@@ -33,10 +33,12 @@ from rayrl.metrics import (
     read_metrics,
     x_column,
 )
-from rayrl.trainer import RunSpec, checkpoint_state, train
+from rayrl.study.resume import check_resume, remaining_trials
+from rayrl.trainer import train
+from rayrl.trial import COLUMNS, Trial
 
 if TYPE_CHECKING:
-    from rayrl.scaling.scheduler import ScalingLawScheduler
+    from rayrl.study.scheduler import ScalingLawScheduler
 
 log = logging.getLogger(__name__)
 FITTER_TIMEOUT_S = 120.0  # catching up: one call with every row of the study
@@ -57,7 +59,7 @@ def trial_resources(
 
 def run_cpus(cfg: Config, models: list[tuple[str, str]] | None = None) -> float:
     """Logical CPUs the largest run of `models` (model, family), by default the study's, reserves."""
-    models = models or [(t["model"], t["family"]) for t in cfg.trials()]
+    models = models or [(t.model, t.family) for t in cfg.trials()]
     return max(
         (sum(b.get("CPU", 0.0) for b in trial_resources(cfg, m, f).bundles) for m, f in models),
         default=0.0,
@@ -72,14 +74,13 @@ def run_trial(params: dict[str, Any], cfg: Config, study_dir: str) -> None:
     with the run's forecast that the fitter sends back (send_row): the scheduler judges the
     row by it, fresh, without calling the fitter itself, and the live table shows the
     predicted final loss."""
-    from rayrl.scaling.fitter import get_fitter, send_row
+    from rayrl.study.fitter import get_fitter, send_row
 
-    t = params["trial"]
-    spec = RunSpec.of(t)
+    spec = Trial.from_params(params["trial"])
     fitter = get_fitter(study_dir)
     total_steps = cfg.grpo.steps
     x_col = x_column(cfg.study.x)
-    common = {"run_id": spec.run_id, TOTAL_STEPS: total_steps, SWEEPS: ",".join(t["sweeps"])}
+    common = {"run_id": spec.run_id, TOTAL_STEPS: total_steps, SWEEPS: ",".join(spec.sweeps)}
 
     def on_row(row: dict[str, Any]) -> None:
         forecast = send_row(fitter, row)
@@ -117,27 +118,13 @@ def collect_metrics(study_dir: Path) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
 
 
-def remaining_trials(cfg: Config, study_dir: Path) -> list[dict[str, Any]]:
-    """The study's trials still to run: neither checkpointed at their last step nor stopped
-    by the scheduler. Failed, interrupted and unstarted trials all remain."""
-    from rayrl.scaling.scheduler import read_decisions
-
-    stopped = {d["run_id"] for d in read_decisions(study_dir) if d["action"] == "stop"}
-
-    def done(run_id: str) -> bool:
-        state = checkpoint_state(study_dir / "runs" / run_id)
-        return run_id in stopped or (state is not None and state["step"] >= cfg.grpo.steps)
-
-    return [t for t in cfg.trials() if not done(RunSpec.of(t).run_id)]
-
-
 def make_tuner(
     cfg: Config,
     study_dir: Path,
     trainable: Any,
     scheduler: ScalingLawScheduler,
     callbacks: list[tune.Callback],
-    trials: list[dict[str, Any]] | None = None,
+    trials: list[Trial] | None = None,
 ) -> tune.Tuner:
     """A Tuner over `trials` (by default all the study's) with today's scheduler,
     concurrency limit, trackers and reporter.
@@ -153,14 +140,16 @@ def make_tuner(
             PREDICTED_FINAL: "pred. final",
             "reward_mean": "reward",
         },
-        parameter_columns={
-            f"trial/{k}": k for k in ("model", "family", "rollout_n", "reuse_factor", "seed")
-        },
+        parameter_columns={f"trial/{k}": k for k in COLUMNS},
         max_report_frequency=30,
     )
     return tune.Tuner(
         trainable,
-        param_space={"trial": tune.grid_search(cfg.trials() if trials is None else trials)},
+        param_space={
+            "trial": tune.grid_search(
+                [t.to_params() for t in (cfg.trials() if trials is None else trials)]
+            )
+        },
         tune_config=tune.TuneConfig(
             scheduler=scheduler,
             search_alg=BasicVariantGenerator(max_concurrent=cfg.study.max_concurrent),
@@ -179,23 +168,24 @@ def make_tuner(
     )
 
 
-def run_study(cfg: Config, scheduler: bool = True, out_dir: str | None = None) -> Path:
+def run_study(cfg: Config, out_dir: str | None = None) -> Path:
     """Run (or resume) the study and write metrics.parquet, fit.json and the report.
 
     The study's fitter starts with it (fresh on resume, reloading its rows) and is stopped
     when it ends, whatever the outcome."""
     from rayrl.models.external import check_models
-    from rayrl.report import write_report
-    from rayrl.scaling.fitter import start_fitter, stop_fitter
-    from rayrl.scaling.scheduler import DECISIONS, ScalingLawScheduler
-    from rayrl.trackers import tracker_callbacks
+    from rayrl.study.fitter import start_fitter, stop_fitter
+    from rayrl.study.report import write_report
+    from rayrl.study.scheduler import DECISIONS, ScalingLawScheduler
+    from rayrl.study.trackers import tracker_callbacks
 
     study_dir = Path(out_dir or cfg.output_dir).resolve()
     study_dir.mkdir(parents=True, exist_ok=True)
     # External models must be usable where the study runs, before any trial starts.
-    check_models(cfg, sorted({(t["model"], t["family"]) for t in cfg.trials()}))
+    check_models(cfg, sorted({(t.model, t.family) for t in cfg.trials()}))
+    check_resume(cfg, study_dir)  # `rayrl study` asked first, before Ray started
     dump_config(cfg, study_dir / "config.yaml")
-    fitter = start_fitter(study_dir, x=cfg.study.x)
+    fitter = start_fitter(study_dir, x=cfg.study.x, rollout_n=cfg.grpo.rollout_n)
     try:
         catch_up(fitter, collect_metrics(study_dir))
         trainable = tune.with_resources(
@@ -207,7 +197,7 @@ def run_study(cfg: Config, scheduler: bool = True, out_dir: str | None = None) -
         sched = ScalingLawScheduler(
             fitter,
             grace_fraction=cfg.study.scheduler_grace_fraction,
-            enabled=scheduler and cfg.study.scheduler,
+            enabled=cfg.study.scheduler,
             x=cfg.study.x,
             log_path=str(study_dir / DECISIONS),
         )
@@ -227,6 +217,8 @@ def run_study(cfg: Config, scheduler: bool = True, out_dir: str | None = None) -
             )
         metrics.to_parquet(study_dir / "metrics.parquet", index=False)
         catch_up(fitter, metrics)
+        # The live fit.json's last state: the law the report states, on the same rows.
+        ray.get(fitter.refit.remote(), timeout=FITTER_TIMEOUT_S)
     finally:
         stop_fitter(study_dir)
     write_report(study_dir)

@@ -1,8 +1,8 @@
-"""`rayrl fit` and `rayrl plan`: a metrics table in, fit.json + figures out, and the planner's answer."""
+"""The fit document: a metrics table in, fit.json + figures out (`rayrl fit`, the live
+fitter, the report), and the planner's answer on it (`rayrl plan`)."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -11,15 +11,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from rayrl.metrics import AXES, LawKey, MetricsError, families, read_metrics, x_column
+from rayrl.metrics import AXES, UNITS, LawKey, MetricsError, families, read_metrics, x_column
+from rayrl.scaling.bootstrap import N_BOOT
 from rayrl.scaling.compare import compare_forms
 from rayrl.scaling.figures import plot_k_families, plot_k_of_N, plot_loss_curves, plot_per_size
 from rayrl.scaling.fit import FitError, MainFit, fit_main_law
 from rayrl.scaling.planner import best_size, reuse_study
 from rayrl.scaling.protocols import fit_run, inter_model, intra_model
-from rayrl.scaling.table import to_points
-
-N_BOOT = 1000
+from rayrl.scaling.table import law_rows, to_points
 
 
 def _json_safe(obj):
@@ -72,6 +71,7 @@ def fit_table(
     E_form: str = "free",
     loss: str = "linear",
     source: str = "metrics",
+    rollout_n: int | None = None,
 ) -> tuple[dict, dict[str, dict]]:
     """Fit the main law of every family (or only `family`) on every X axis the rows carry.
 
@@ -80,7 +80,8 @@ def fit_table(
     of the chosen axis). A family's status: "ok"; "flagged" when rows or runs were dropped or
     a parameter sits on a bound; "partial" when the chosen axis has no law (e.g. one model
     size), with per-run slopes; "error" when it has no usable rows (raised instead when it is
-    the only family).
+    the only family). The laws take the rows of table.law_rows (`rollout_n`: the main group
+    size), and the document says which (`rows`).
     """
     if protocol not in (None, "intra", "inter"):
         raise ValueError(f"protocol must be 'intra', 'inter' or None, got {protocol!r}")
@@ -93,13 +94,17 @@ def fit_table(
     names = [family] if family is not None else names
     if not names:
         raise MetricsError(f"{source}: no rows")
-    doc: dict = {"source": source, "x": x, "families": {}}
+    main, rule = law_rows(df, rollout_n)
+    doc: dict = {"source": source, "x": x, "rows": rule, "families": {}}
     objects: dict[str, dict] = {}
     for name in names:
-        rows = df[df["family"].astype(str) == name]
+        rows = main[main["family"].astype(str) == name]
+        # The reuse study: every tau at the main group size.
+        n = rule.get("rollout_n")
+        reuse = df[(df["family"].astype(str) == name) & ((df["rollout_n"] == n) if n else True)]
         try:
             doc["families"][name], objects[name] = _fit_family(
-                rows, x, protocol, fit_fraction, n_boot, E_form, loss, f"{source} [{name}]"
+                rows, reuse, x, protocol, fit_fraction, n_boot, E_form, loss, f"{source} [{name}]"
             )
         except MetricsError as e:
             if len(names) == 1:
@@ -111,6 +116,7 @@ def fit_table(
 
 def _fit_family(
     df: pd.DataFrame,
+    reuse: pd.DataFrame,
     x: str,
     protocol: str | None,
     fit_fraction: float,
@@ -158,8 +164,8 @@ def _fit_family(
         except FitError as e:
             doc["protocol"] = {"protocol": protocol, "error": str(e)}
             doc["status"] = "flagged"
-    if "reuse_factor" in df.columns and df["reuse_factor"].nunique() > 1:
-        doc["reuse"] = reuse_study(df)
+    if "reuse_factor" in reuse.columns and reuse["reuse_factor"].nunique() > 1:
+        doc["reuse"] = reuse_study(reuse)
     return doc, objects
 
 
@@ -199,6 +205,7 @@ def fit_command(
     n_boot: int = N_BOOT,
     E_form: str = "free",
     loss: str = "linear",
+    rollout_n: int | None = None,
 ) -> dict:
     """Read METRICS.{parquet,csv}, fit each family (or only `family`), write fit.json and PNG
     figures beside it: per family STEM_FAMILY_{loss_vs_X,k_vs_N,per_size_X}.png, and with two
@@ -214,6 +221,7 @@ def fit_command(
         E_form,
         loss,
         source=str(metrics),
+        rollout_n=rollout_n,
     )
     out_path = Path(out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -259,46 +267,74 @@ def _format_best(answer: dict, eq: str, unit: str) -> list[str]:
     return lines
 
 
+def read_fit(path: str) -> dict:
+    """A fit.json document, checked for the shape the planner reads."""
+    try:
+        doc = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise MetricsError(f"{path}: no such fit file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MetricsError(f"{path}: not a JSON document ({e})") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("families"), dict):
+        raise MetricsError(
+            f"{path}: expected a fit document (an object with 'families', as `rayrl fit` "
+            f"writes), got {type(doc).__name__}" + (" without 'families'" if isinstance(doc, dict) else "")
+        )
+    for name, fam in doc["families"].items():
+        laws = fam.get("laws") if isinstance(fam, dict) else None
+        if not isinstance(laws, dict):
+            raise MetricsError(f"{path}: families.{name} has no 'laws' object")
+        for axis, law in laws.items():
+            try:
+                MainFit.from_dict(law)
+            except (TypeError, ValueError) as e:
+                raise MetricsError(f"{path}: families.{name}.laws.{axis} is not a law ({e})") from None
+    return doc
+
+
 def plan_command(
     fit_json: str,
     compute_budget: float | None = None,
     data_budget: float | None = None,
     family: str | None = None,
-) -> str:
+) -> tuple[str, bool]:
     """The planner's printable answer for each family (or only `family`): eq. 5 for a FLOPs
-    budget, eq. 7 for a unique-data budget, eq. 9 when the fit holds a reuse study."""
-    doc = json.loads(Path(fit_json).read_text())
-    fams = doc.get("families", {})
+    budget, eq. 7 for a unique-data budget, eq. 9 when the fit holds a reuse study; and
+    whether any answer was given."""
+    doc = read_fit(fit_json)
+    fams = doc["families"]
     if family is not None and family not in fams:
         raise MetricsError(f"{fit_json}: no family {family!r} (have {sorted(fams)})")
+    for flag, budget in (("--compute-budget", compute_budget), ("--data-budget", data_budget)):
+        if budget is not None and not (math.isfinite(budget) and budget > 0):
+            raise MetricsError(f"{flag}: expected a positive budget, got {budget}")
     lines = [f"{fit_json}: status {doc.get('status')}"]
     planned = False
     for name, fam in fams.items():
         if family is not None and name != family:
             continue
         lines.append(f"family {name}: status {fam.get('status')}")
-        for budget, axis, eq, unit in (
-            (compute_budget, "compute", "eq. 5", "FLOPs"),
-            (data_budget, "data", "eq. 7", "samples"),
-        ):
+        for budget, axis, eq in ((compute_budget, "compute", "eq. 5"), (data_budget, "data", "eq. 7")):
             if budget is None:
                 continue
-            planned = True
-            if axis not in fam.get("laws", {}):
+            if axis not in fam["laws"]:
                 lines.append(
                     f"{axis} budget: {fit_json} has no {axis}-axis law for {name} "
                     f"({fam.get('error', 'not fitted')})"
                 )
                 continue
-            lines += _format_best(best_size(MainFit.from_dict(fam["laws"][axis]), budget), eq, unit)
+            planned = True
+            law = MainFit.from_dict(fam["laws"][axis])
+            lines += _format_best(best_size(law, budget), eq, UNITS[axis])
         for size in fam.get("reuse", {}).get("sizes", []):
             planned = True
             lines += _format_reuse(size)
     if not planned:
         lines.append(
-            "nothing to plan: give a compute or data budget, or fit a table with a reuse study"
+            "nothing planned: give a compute or data budget for a fitted law, or fit a table "
+            "with a reuse study"
         )
-    return "\n".join(lines)
+    return "\n".join(lines), planned
 
 
 def _format_reuse(size: dict) -> list[str]:
@@ -317,34 +353,12 @@ def _format_reuse(size: dict) -> list[str]:
     return lines
 
 
-def add_arguments_fit(parser: argparse.ArgumentParser) -> None:
-    """Flags of `rayrl fit`; dests match fit_command's parameters."""
-    parser.add_argument("metrics", help="METRICS.parquet or METRICS.csv")
-    parser.add_argument("--x", choices=sorted(AXES), default="compute")
-    parser.add_argument("--protocol", choices=["intra", "inter"], default=None)
-    parser.add_argument("--fit-fraction", dest="fit_fraction", type=float, default=0.25)
-    parser.add_argument("--out", default="fit.json")
-    parser.add_argument("--no-figures", dest="figures", action="store_false")
-    parser.add_argument("--family", default=None, help="fit one model family (default: each)")
-    parser.add_argument("--n-boot", dest="n_boot", type=int, default=N_BOOT)
-    parser.add_argument("--E-form", dest="E_form", choices=["free", "smooth"], default="free")
-    parser.add_argument("--loss", choices=["linear", "huber"], default="linear")
-
-
-def add_arguments_plan(parser: argparse.ArgumentParser) -> None:
-    """Flags of `rayrl plan`; dests match plan_command's parameters."""
-    parser.add_argument("fit_json", help="fit.json written by `rayrl fit` or the FitterActor")
-    parser.add_argument("--compute-budget", dest="compute_budget", type=float, default=None)
-    parser.add_argument("--data-budget", dest="data_budget", type=float, default=None)
-
-
 __all__ = [
     "MetricsError",
-    "add_arguments_fit",
-    "add_arguments_plan",
     "fit_command",
     "fit_table",
     "laws_of",
     "plan_command",
+    "read_fit",
     "without_draws",
 ]

@@ -1,0 +1,208 @@
+"""Checkpoints that can be trusted (rayrl/checkpoint.py): a manifest written last, the newest
+grpo.checkpoint_keep kept, a corrupt one named and passed over on resume; and the HF export."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from rayrl import checkpoint
+from rayrl.config import ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "configs" / "smoke.yaml"
+
+
+def fake_save(ckpt_dir: Path, step: int, keep: int = 2) -> Path:
+    """What the learners and the loop write for step `step`, then sealed."""
+    path = checkpoint.prepare(ckpt_dir, step)
+    (path / "sub").mkdir(parents=True)
+    (path / "mp_rank_00_model_states.pt").write_bytes(bytes(range(256)) * (step + 1))
+    (path / "sub" / "shard.pt").write_bytes(b"x" * 1000 * step)
+    checkpoint.seal(path, {"step": step, "unique": [step]}, keep)
+    return path
+
+
+def test_a_sealed_checkpoint_verifies_and_each_kind_of_damage_is_named(tmp_path):
+    path = fake_save(tmp_path, 4)
+    manifest = json.loads((path / checkpoint.MANIFEST).read_text())
+    assert sorted(manifest["files"]) == ["mp_rank_00_model_states.pt", "state.json", "sub/shard.pt"]
+    assert manifest["files"]["sub/shard.pt"]["size"] == 4000
+    assert checkpoint.verify(path) is None
+
+    states = path / "mp_rank_00_model_states.pt"
+    data = states.read_bytes()
+    states.write_bytes(data[:-7])  # truncated: a kill mid-write
+    assert "holds 1273 bytes, its manifest says 1280" in checkpoint.verify(path)
+    assert "holds" in checkpoint.verify(path, checksums=False)
+    states.write_bytes(data[:100] + b"\xff" + data[101:])  # same size, a byte changed
+    assert checkpoint.verify(path) == "mp_rank_00_model_states.pt fails its CRC-32"
+    assert checkpoint.verify(path, checksums=False) is None  # sizes alone cannot see it
+    states.write_bytes(data)
+    (path / "sub" / "shard.pt").unlink()
+    assert checkpoint.verify(path) == "missing file(s) ['sub/shard.pt']"
+    (path / checkpoint.MANIFEST).write_text('{"files": {"state.json"')  # torn manifest
+    assert checkpoint.verify(path).startswith("unreadable manifest")
+    (path / checkpoint.MANIFEST).unlink()
+    assert checkpoint.verify(path) == "no manifest (its write never finished)"
+
+
+def test_older_checkpoints_are_deleted_once_a_newer_one_is_complete(tmp_path):
+    fake_save(tmp_path, 2)
+    fake_save(tmp_path, 4)
+    (tmp_path / "step3").mkdir()  # an unfinished save older than the newest complete one
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step2", "step3", "step4"]
+    # step 6's save is under way: nothing is deleted until it is complete
+    unfinished = checkpoint.prepare(tmp_path, 6)
+    unfinished.mkdir()
+    (unfinished / "mp_rank_00_model_states.pt").write_bytes(b"partial")
+    assert checkpoint.prune(tmp_path, 2) == [tmp_path / "step3"]
+    assert checkpoint.kept(tmp_path) == [4, 2]
+    fake_save(tmp_path, 6)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step4", "step6"]
+    fake_save(tmp_path, 8, keep=3)
+    assert checkpoint.kept(tmp_path) == [8, 6, 4]
+    fake_save(tmp_path, 10, keep=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step10"]
+
+
+def test_resume_passes_over_a_corrupt_checkpoint_and_names_it(tmp_path, capsys):
+    ckpt_dir = tmp_path / checkpoint.CHECKPOINTS
+    for step in (2, 4, 6):
+        fake_save(ckpt_dir, step, keep=3)
+    (ckpt_dir / "step6" / "sub" / "shard.pt").write_bytes(b"x" * 10)  # truncated
+    (ckpt_dir / "step8").mkdir()  # a save killed before its manifest
+    # the study's cheap check (sizes) already skips both
+    assert checkpoint.checkpoint_state(tmp_path)["step"] == 4
+    path, state = checkpoint.resume_point(ckpt_dir)
+    assert (path.name, state) == ("step4", {"step": 4, "unique": [4]})
+    err = capsys.readouterr().err
+    assert f"{ckpt_dir / 'step6'}: checkpoint of step 6 is not usable: sub/shard.pt holds 10" in err
+    assert f"{ckpt_dir / 'step8'}: checkpoint of step 8 is not usable: no manifest" in err
+    assert checkpoint.kept(ckpt_dir) == [4, 2]  # the unusable ones are gone
+    # a changed byte in step 4's manifest-listed state, and none is left: step 0
+    (ckpt_dir / "step4" / "state.json").write_text('{"step": 5, "unique": [4]}')
+    (ckpt_dir / "step2" / checkpoint.MANIFEST).write_text("not json")
+    assert checkpoint.resume_point(ckpt_dir) is None
+    assert "step4: checkpoint of step 4 is not usable: state.json fails its CRC-32" in (
+        capsys.readouterr().err
+    )
+    assert checkpoint.checkpoint_state(tmp_path) is None
+
+
+def test_a_run_written_before_manifests_still_resumes_from_its_latest_json(tmp_path):
+    ckpt_dir = tmp_path / checkpoint.CHECKPOINTS
+    (ckpt_dir / "step4").mkdir(parents=True)
+    (ckpt_dir / checkpoint.LEGACY_LATEST).write_text(json.dumps({"step": 4, "unique": []}))
+    assert checkpoint.checkpoint_state(tmp_path) == {"step": 4, "unique": []}
+    assert checkpoint.resume_point(ckpt_dir)[0] == ckpt_dir / "step4"
+    fake_save(ckpt_dir, 6)  # the first sealed checkpoint: latest.json no longer counts
+    assert checkpoint.checkpoint_state(tmp_path)["step"] == 6
+
+
+@pytest.mark.parametrize("keep", [0, -1])
+def test_checkpoint_keep_below_one_is_refused(keep):
+    with pytest.raises(ConfigError, match=r"key 'grpo.checkpoint_keep' expected a positive"):
+        load_config(SMOKE, {"grpo.checkpoint_keep": keep})
+
+
+def test_export_refuses_a_step_that_is_not_kept(tmp_path):
+    fake_save(tmp_path / checkpoint.CHECKPOINTS, 4)
+    with pytest.raises(checkpoint.CheckpointError, match=r"kept checkpoints \[4\], got 2"):
+        checkpoint.export_run(tmp_path, step=2)
+    with pytest.raises(checkpoint.CheckpointError, match=r"no complete checkpoint"):
+        checkpoint.export_run(tmp_path / "nothing")
+
+
+def teacher_forced(model_dir, state, pairs):
+    """transformers with `state` (the learner's weights): each response token's log-prob and
+    the greedy token at each position of (prompt, response)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from rayrl.learner.grpo import token_logprobs
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.load_state_dict(state, strict=False)
+    model.tie_weights()
+    out = []
+    for prompt, response in pairs:
+        ids = torch.tensor([prompt + response])
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0, len(prompt) - 1 : -1]
+        out.append((token_logprobs(logits, ids[0, len(prompt) :]), logits.argmax(-1).tolist()))
+    return out
+
+
+@pytest.mark.vllm
+def test_a_real_run_keeps_two_exports_its_policy_and_resumes_past_a_corrupt_checkpoint(
+    ray_session, tmp_path, capfd
+):
+    """A smoke run of 6 steps checkpointed every 2: step 2 goes once step 6 is complete; its
+    final policy (run/hf) loads in transformers with the learner's last weights and in vLLM,
+    whose greedy tokens are the learner's; with step 6 truncated, --resume names it, goes back
+    to step 4 and writes the same rows, each once."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from rayrl.metrics import read_metrics
+    from rayrl.pools import pool_shapes
+    from rayrl.rollout.pool import RolloutPool
+    from rayrl.trainer import HELD_OUT, Run, train
+    from rayrl.trial import Trial
+
+    cfg = load_config(SMOKE, {"output_dir": str(tmp_path), "grpo.data_budget": 48, "grpo.lr": 3e-3})
+    trial = Trial(model="smoke-2", family="base", rollout_n=4, reuse_factor=1, seed=0)  # tied
+    run_dir = tmp_path / "run"
+    run = Run(cfg, trial, run_dir)
+    try:
+        run.run(progress=False)
+        state = dict(run.learners.named_weights())
+        prompts = run.eval_sets[HELD_OUT].prompts[:4]
+        base_dir = run.model_dir
+    finally:
+        run.shutdown(keep=False)
+    ckpt_dir = run_dir / checkpoint.CHECKPOINTS
+    assert checkpoint.kept(ckpt_dir) == [6, 4]
+    assert sorted(p.name for p in ckpt_dir.glob("step*")) == ["step4", "step6"]
+
+    export = run_dir / checkpoint.HF_EXPORT
+    assert (export / "model.safetensors").exists() and (export / "tokenizer.json").exists()
+    model = AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32)
+    exported = model.state_dict()
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).state_dict()
+    for name, w in state.items():
+        torch.testing.assert_close(exported[name], w, atol=0, rtol=0)
+    assert any(not torch.equal(base[n], w) for n, w in state.items())  # the run moved them
+
+    # vLLM, the rollout engine the run used, started on the export alone
+    pool = RolloutPool(str(export), **pool_shapes(cfg, trial.model, trial.family)["rollout"])
+    try:
+        outs = pool.greedy(prompts, max_tokens=8)
+    finally:
+        pool.shutdown()
+    pairs = [(p, list(o.token_ids)) for p, o in zip(prompts, outs)]
+    for out, (logp, argmax) in zip(outs, teacher_forced(base_dir, state, pairs)):
+        assert argmax == list(out.token_ids)
+        torch.testing.assert_close(torch.tensor(out.logprobs), logp, atol=1e-4, rtol=0)
+
+    before = read_metrics(run_dir / "metrics.parquet")
+    steps_before = (run_dir / "steps.jsonl").read_text().splitlines()
+    shard = ckpt_dir / "step6" / "mp_rank_00_model_states.pt"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])  # torn by a kill
+    capfd.readouterr()
+    train(cfg, trial, run_dir, resume=True, progress=False)
+    log = "".join(capfd.readouterr())
+    assert f"{ckpt_dir / 'step6'}: checkpoint of step 6 is not usable" in log
+    assert "resumed from step 4" in log
+    after = read_metrics(run_dir / "metrics.parquet")
+    assert after["step"].tolist() == [0, 2, 4, 6]
+    pd_cols = [c for c in before.columns if not c.startswith("time_")]
+    import pandas as pd
+
+    pd.testing.assert_frame_equal(after[pd_cols], before[pd_cols])
+    logged = [json.loads(x)["step"] for x in (run_dir / "steps.jsonl").read_text().splitlines()]
+    assert logged == [1, 2, 3, 4, 5, 6] and len(steps_before) == 6
+    assert checkpoint.kept(ckpt_dir) == [6, 4] and checkpoint.verify(ckpt_dir / "step6") is None
