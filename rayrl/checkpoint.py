@@ -30,6 +30,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from rayrl.storage import fsync_dir, write_bytes_atomic, writing
+
 CHECKPOINTS = "checkpoints"  # in a run's directory
 MANIFEST = "manifest.json"  # in a checkpoint's folder, written last: the folder is complete
 STATE = "state.json"  # in a checkpoint's folder: the loop state (step, compute, unique prompts)
@@ -91,38 +93,36 @@ def _sum_all(path: Path, files: list[Path]) -> dict[str, dict[str, int]]:
     return {str(f.relative_to(path)): {"size": s, "crc32": c} for f, (s, c) in zip(files, sums)}
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def save(learners: Any, ckpt_dir: Path, step: int) -> Path:
+    """The learner ranks save step `step`'s DeepSpeed checkpoint into its (emptied) folder;
+    returns the folder, which seal() then completes."""
+    path = prepare(ckpt_dir, step)
+    with writing(ckpt_dir, path.name):
+        learners.save(str(ckpt_dir), path.name)
+    return path
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write-temp, fsync, rename, fsync the directory: `path` is whole or absent."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def seal(path: Path, state: dict[str, Any], keep: int, model_dir: str | None = None) -> None:
+def seal(
+    path: Path,
+    state: dict[str, Any],
+    keep: int,
+    model_dir: str | None = None,
+    files: dict[str, bytes] | None = None,
+) -> None:
     """Complete the checkpoint in `path` (the learners have saved into it): write the loop
-    state and the model's config and tokenizer, fsync every file and directory, write the
-    manifest last, then delete what `keep` no longer keeps."""
-    (path / STATE).write_text(json.dumps(state))
-    if model_dir is not None:
-        copy_model_meta(model_dir, path / HF_META)
-    files = _files(path)
-    manifest = {"step": state["step"], "checksum": "crc32", "files": _sum_all(path, files)}
-    for d in sorted({f.parent for f in files} | {path}, key=lambda p: -len(p.parts)):
-        _fsync_dir(d)
-    write_atomic(path / MANIFEST, json.dumps(manifest, indent=1).encode())
-    _fsync_dir(path.parent)
+    state, `files` and the model's config and tokenizer, fsync every file and directory,
+    write the manifest last, then delete what `keep` no longer keeps."""
+    with writing(path, "a checkpoint"):
+        for name, data in {**(files or {}), STATE: json.dumps(state).encode()}.items():
+            (path / name).write_bytes(data)
+        if model_dir is not None:
+            copy_model_meta(model_dir, path / HF_META)
+        listed = _files(path)
+        manifest = {"step": state["step"], "checksum": "crc32", "files": _sum_all(path, listed)}
+        for d in sorted({f.parent for f in listed} | {path}, key=lambda p: -len(p.parts)):
+            fsync_dir(d)
+        write_bytes_atomic(path / MANIFEST, json.dumps(manifest, indent=1).encode())
+        fsync_dir(path.parent)
     prune(path.parent, keep)
 
 
@@ -263,16 +263,21 @@ def export(path: Path, out: Path) -> Path:
         )
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    copy_model_meta(str(meta), tmp)
-    model.save_pretrained(tmp, safe_serialization=True)
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    _fsync_dir(tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    _fsync_dir(out.parent)
+    with writing(out.parent, out.name):
+        try:
+            copy_model_meta(str(meta), tmp)
+            model.save_pretrained(tmp, safe_serialization=True)
+            for f in tmp.iterdir():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+            fsync_dir(tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+        fsync_dir(out.parent)
     return out
 
 

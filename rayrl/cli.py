@@ -1,4 +1,4 @@
-"""`rayrl <verb>`: config, models, train, study, fit, plan, report."""
+"""`rayrl <verb>`: config, models, train, study, fit, plan, report, export."""
 
 from __future__ import annotations
 
@@ -100,7 +100,7 @@ def cmd_convert(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     from rayrl.models.convert import is_gguf
-    from rayrl.models.external import add_model, check_model_dir, check_models
+    from rayrl.models.external import add_model, check_model_dir, check_models, is_hub_id
     from rayrl.trainer import train
     from rayrl.trial import Trial
 
@@ -122,21 +122,27 @@ def cmd_train(args: argparse.Namespace) -> None:
     if any(s.name == model for s in cfg.ladder.models):
         family = cfg.model(model, args.family).family  # an unknown family fails here
         check_models(cfg, [(model, family)])
-    elif not (Path(model).expanduser().exists() or is_gguf(model)):
+    elif not (Path(model).expanduser().exists() or is_gguf(model) or is_hub_id(model)):
         names = ", ".join(s.name for s in cfg.ladder.models) or "none"
         raise ConfigError(
-            f"{cfg.source}: key '--model' expected a ladder.models name (known: {names}) or an "
-            f"HF model directory, got {model!r}, which is neither"
+            f"{cfg.source}: key '--model' expected a ladder.models name (known: {names}), an "
+            f"HF model directory or a hub id (org/name), got {model!r}, which is none of these"
         )
-    else:  # a model directory or GGUF file
+    else:  # a model directory, hub id or GGUF file
         family = args.family or "base"
         check_model_dir(cfg, model, "--model")
         model = add_model(cfg, model, family)
     g = cfg.grpo
     trial = Trial(model, family, g.rollout_n, g.reuse_factor, g.seed)
+    from rayrl.data.task import check_data
+
+    check_data(cfg)  # every data file and row, before Ray starts (docs/data.md)
     _init_ray(cfg, args.num_cpus, models=[(trial.model, trial.family)])
     run_dir = Path(args.out) if args.out else None
-    out = train(cfg, trial, run_dir, resume=args.resume)
+    from rayrl.storage import writing
+
+    with writing(run_dir or Path(cfg.output_dir) / trial.run_id):  # a full disk: named, exit 1
+        out = train(cfg, trial, run_dir, resume=args.resume)
     print(f"run written to {out}")
 
 
@@ -152,13 +158,22 @@ def cmd_study(args: argparse.Namespace) -> None:
         return
     if args.no_scheduler:
         cfg.study.scheduler = False
+    from rayrl.extras import check_trackers
+
+    check_trackers(cfg)  # a tracker's package missing: exit 2 here, not after Ray starts
     check_models(cfg, sorted({(t.model, t.family) for t in cfg.trials()}))
+    from rayrl.data.task import check_data
+
+    check_data(cfg)
     out_dir = Path(args.out or cfg.output_dir)
     from rayrl.study.resume import check_resume
 
     check_resume(cfg, out_dir, restart_changed=args.restart_changed)  # before Ray starts
     _init_ray(cfg, args.num_cpus, runs=cfg.study.max_concurrent)
-    print(f"study written to {run_study(cfg, out_dir=str(out_dir))}")
+    from rayrl.storage import writing
+
+    with writing(out_dir):  # a full disk anywhere below (Tune's own files too): named, exit 1
+        print(f"study written to {run_study(cfg, out_dir=str(out_dir))}")
 
 
 def cmd_fit(args: argparse.Namespace) -> None:
@@ -192,6 +207,13 @@ def cmd_plan(args: argparse.Namespace) -> None:
     print(text)
     if not planned:
         raise FitFailed(f"{args.fit_json}: no plan for the budgets given")
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from rayrl.checkpoint import export_run
+
+    out = export_run(Path(args.run_dir), args.step, Path(args.out) if args.out else None)
+    print(f"HF model directory written to {out}")
 
 
 def cmd_report(args: argparse.Namespace) -> None:
@@ -238,7 +260,9 @@ def parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="one GRPO run")
     config_args(t)
-    t.add_argument("--model", help="ladder.models name, HF model directory or .gguf file")
+    t.add_argument(
+        "--model", help="ladder.models name, HF model directory, hub id (org/name) or .gguf file"
+    )
     t.add_argument("--family", help="base or instruct (default: the listed model's, else base)")
     t.add_argument("--rollout-n", type=int, help="samples per prompt (= --set grpo.rollout_n=N)")
     t.add_argument(
@@ -333,6 +357,14 @@ def parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="(re)write a study's report")
     r.add_argument("study_dir")
     r.set_defaults(func=cmd_report)
+
+    e = sub.add_parser(
+        "export", help="a run's checkpoint as an HF model directory (transformers, vLLM)"
+    )
+    e.add_argument("run_dir", help="a run's directory (holds checkpoints/)")
+    e.add_argument("--step", type=int, help="a kept checkpoint's step (default: the newest valid)")
+    e.add_argument("--out", help="directory to write (default: RUN_DIR/hf-step<K>)")
+    e.set_defaults(func=cmd_export)
     return p
 
 

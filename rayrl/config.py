@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 import yaml
 
+from rayrl.search import SearchError, label, points, variants
 from rayrl.trial import Trial
 
 
@@ -59,7 +60,7 @@ class LadderConfig:
 
     models: list[ModelSpec] = field(default_factory=list)
     # Steps = max(pretrain_min_steps, tokens_per_param * N / tokens per step): equal steps or
-    # equal tokens per parameter, never equal wall time (DESIGN.md, measured hints).
+    # equal tokens per parameter, never equal wall time (rayrl/DESIGN.md, measured hints).
     pretrain_tokens_per_param: float = 0.0
     pretrain_min_steps: int = 1500
     pretrain_batch: int = 64
@@ -230,6 +231,8 @@ class SweepConfig:
     reuse_factor: list[int] = field(default_factory=list)
     family: list[str] = field(default_factory=list)
     seeds: list[int] = field(default_factory=list)
+    # Over the study's search: this sweep's own keys (a one-value list fixes a key).
+    search: dict[str, Any] = field(default_factory=dict)
 
 
 # A sweep's (and the study's) list field -> the Trial field its values fill.
@@ -269,6 +272,12 @@ class StudyConfig:
     )
     # MLflow's tracking URI; empty: a local file store in the study directory (mlflow/).
     mlflow_tracking_uri: str = ""
+    # Any config key as an axis: dotted key -> a list (a grid) or one sampler, e.g.
+    # {loguniform: [5.0e-5, 5.0e-4]} (rayrl/search.py). Each variant runs every trial of the
+    # axes above, so each has its own laws.
+    search: dict[str, Any] = field(default_factory=dict)
+    num_samples: int = 1  # draws of the sampled keys, each crossed with the grid
+    search_seed: int = 0  # the draws' seed: a resumed study draws the same variants
 
 
 @dataclass
@@ -298,21 +307,49 @@ class Config:
     source: str = field(default="", metadata={"internal": True})  # the YAML file, for errors
 
     def trials(self) -> list[Trial]:
-        """Every distinct trial of the study, with the sweeps it belongs to, grouped by model."""
-        st, g = self.study, self.grpo
-        defaults = {"rollout_n": [g.rollout_n], "reuse_factor": [g.reuse_factor], "seeds": [g.seed]}
+        """Every distinct trial of the study, with the sweeps it belongs to, grouped by model:
+        each sweep's axes crossed with each variant of its search space."""
+        st = self.study
         sweeps: dict[tuple, list[str]] = {}
         for sw in st.sweeps or [SweepConfig(name="grid")]:
-            axes = [getattr(sw, a) or getattr(st, a) or defaults.get(a, []) for a in SWEEP_AXES]
-            for values in itertools.product(*axes):
-                sweeps.setdefault(values, []).append(sw.name)
-        out = [Trial(*values, sweeps=tuple(names)) for values, names in sweeps.items()]
+            for overrides in variants({**st.search, **sw.search}, st.num_samples, st.search_seed):
+                g = self.with_overrides(overrides).grpo  # a searched grpo.seed fills seeds
+                defaults = {
+                    "rollout_n": [g.rollout_n],
+                    "reuse_factor": [g.reuse_factor],
+                    "seeds": [g.seed],
+                }
+                axes = [getattr(sw, a) or getattr(st, a) or defaults.get(a, []) for a in SWEEP_AXES]
+                for values in itertools.product(*axes):
+                    key = (*values, tuple(overrides.items()))
+                    sweeps.setdefault(key, []).append(sw.name)
+        out = [
+            Trial(*key[:-1], sweeps=tuple(names), overrides=key[-1])
+            for key, names in sweeps.items()
+        ]
         # A model's trials run back to back, in order of first appearance: each switch of
         # model rebuilds the vLLM engines.
         first: dict[tuple[str, str], int] = {}
         for t in out:
             first.setdefault((t.model, t.family), len(first))
         return sorted(out, key=lambda t: first[(t.model, t.family)])
+
+    def with_overrides(self, overrides: dict[str, Any]) -> Config:
+        """This config with dotted-key overrides (a variant's), checked as a file would be;
+        the copy has no search of its own."""
+        if not overrides:
+            return self
+        raw = dataclasses.asdict(self)
+        raw.pop("source")
+        raw["study"]["search"] = {}
+        for sw in raw["study"]["sweeps"]:
+            sw["search"] = {}
+        where = self.source or "<config>"
+        set_keys(raw, overrides, where)
+        cfg = from_dict(Config, raw, where, "")
+        cfg.source = where
+        validate(cfg)
+        return cfg
 
     def resources_for(self, model: str, family: str | None = None) -> ResourcesConfig:
         """The pools one run of `model` gets: `resources` with the model's own overrides
@@ -345,17 +382,7 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Co
         raise ConfigError(f"{where}: not valid YAML: {e}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: expected a mapping at the top level, got {type(raw).__name__}")
-    for key, value in (overrides or {}).items():
-        node = raw
-        *parents, leaf = key.split(".")
-        for i, p in enumerate(parents):
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                at = ".".join(parents[: i + 1])
-                raise ConfigError(
-                    f"{where}: override '{key}': key '{at}' holds {node!r}, not a mapping of keys"
-                )
-        node[leaf] = value
+    set_keys(raw, overrides or {}, where)
     cfg = from_dict(Config, raw, where, "")
     cfg.source = where
     resolve_paths(cfg, path.parent)
@@ -370,10 +397,11 @@ def resolve_paths(cfg: Config, base: Path) -> None:
     """Make the config's input paths independent of the working directory: in data.train_path,
     data.test_path, data.eval_paths, ladder.models[].path and rewards.custom's files,
     ${VAR} and ${VAR:-default} (e.g. ${RAYRL_GURU_DIR:-/mnt/rayrl/data/guru}) and ~ are
-    expanded, and a relative path is taken from `base`, the config file's folder, when it
-    names a file or folder there. Anything else is kept: a hub id, a `datasets` name,
-    package:file.gguf."""
-    from rayrl.rewards.custom import is_file_ref, resolve_ref
+    expanded, and a relative path is made absolute: from `base`, the config file's folder,
+    when it names a file or folder there, else from the working directory when it names one
+    there (a --set value). Anything else is kept: a hub id, a `datasets` name,
+    package:file.gguf; a reward file that is nowhere is looked for beside the config."""
+    from rayrl.rewards.custom import is_file_ref
 
     where = cfg.source or "<config>"
 
@@ -390,8 +418,9 @@ def resolve_paths(cfg: Config, base: Path) -> None:
 
         value = _VAR.sub(var, value)
         path = Path(value).expanduser()
-        if value and not path.is_absolute() and (base / path).exists():
-            return str((base / path).resolve())
+        for root in (base, Path.cwd()) if value and not path.is_absolute() else ():
+            if (root / path).exists():
+                return str((root / path).resolve())
         return str(path) if value.startswith("~") else value
 
     d = cfg.data
@@ -400,12 +429,26 @@ def resolve_paths(cfg: Config, base: Path) -> None:
     d.eval_paths = [resolve(p, f"data.eval_paths[{i}]") for i, p in enumerate(d.eval_paths)]
     for i, m in enumerate(cfg.ladder.models):
         m.path = resolve(m.path, f"ladder.models[{i}].path")
-    cfg.rewards.custom = {
-        glob: resolve_ref(resolve(ref, f"rewards.custom[{glob!r}]"), base)
-        if isinstance(ref, str) and is_file_ref(ref)
-        else ref
-        for glob, ref in cfg.rewards.custom.items()
-    }
+    for glob, ref in cfg.rewards.custom.items():
+        if isinstance(ref, str) and is_file_ref(ref):  # path/to/file.py:function
+            target, _, name = ref.rpartition(":")
+            target = resolve(target, f"rewards.custom[{glob!r}]")
+            cfg.rewards.custom[glob] = f"{(base / target).resolve()}:{name}"  # base / abs = abs
+
+
+def set_keys(raw: dict[str, Any], overrides: dict[str, Any], where: str) -> None:
+    """Set dotted keys in a raw config mapping (e.g. grpo.lr), in place."""
+    for key, value in overrides.items():
+        node = raw
+        *parents, leaf = key.split(".")
+        for i, p in enumerate(parents):
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                at = ".".join(parents[: i + 1])
+                raise ConfigError(
+                    f"{where}: override '{key}': key '{at}' holds {node!r}, not a mapping of keys"
+                )
+        node[leaf] = value
 
 
 def dump_config(cfg: Config, path: str | Path) -> None:
@@ -463,6 +506,61 @@ def _coerce(tp: Any, value: Any, where: str, key: str) -> Any:
     if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
         raise ConfigError(f"{where}: key '{key}' expected {tp.__name__}, got {value!r}")
     return value
+
+
+# grpo keys whose values the study's axes set: searched only where that axis is not swept.
+AXIS_KEYS = {
+    "grpo.rollout_n": "rollout_n",
+    "grpo.reuse_factor": "reuse_factor",
+    "grpo.seed": "seeds",
+}
+
+
+def check_search(cfg: Config) -> None:
+    """Every searched key is a run's config key, every sampler well-formed, and every value or
+    end of a range one the config's own validation accepts."""
+    where, st = cfg.source or "<config>", cfg.study
+    if st.num_samples < 1:
+        raise ConfigError(
+            f"{where}: key 'study.num_samples' expected an integer >= 1, got {st.num_samples!r}"
+        )
+    spaces = [("study.search", st.search, [st])]
+    spaces += [(f"study.sweeps[{i}].search", sw.search, [st, sw]) for i, sw in enumerate(st.sweeps)]
+    for prefix, search, grids in spaces:
+        for key, spec in search.items():
+            name = f"{prefix}.{key}"
+            if key.split(".")[0] in ("study", "output_dir"):
+                raise ConfigError(
+                    f"{where}: key '{name}' expected a run's config key (grpo., data., "
+                    "resources., ladder.), not the study's own"
+                )
+            axis = AXIS_KEYS.get(key)
+            if axis and any(getattr(grid, axis) for grid in grids):
+                raise ConfigError(
+                    f"{where}: key '{name}' is already an axis of the study (study.{axis}); "
+                    "list its values there"
+                )
+            try:
+                values = points(key, spec)
+            except SearchError as e:
+                raise ConfigError(f"{where}: {prefix}: {e}") from None
+            for value in values:
+                try:
+                    cfg.with_overrides({key: value})
+                except ConfigError as e:
+                    why = str(e).removeprefix(f"{where}: ")
+                    raise ConfigError(
+                        f"{where}: key '{name}': the value {value!r} is refused ({why})"
+                    ) from None
+    for sw in st.sweeps or [SweepConfig(name="grid")]:
+        labels = [
+            label(v) for v in variants({**st.search, **sw.search}, st.num_samples, st.search_seed)
+        ]
+        if len(labels) != len(set(labels)):
+            raise ConfigError(
+                f"{where}: key 'study.search' draws variants that share a name at 4 digits "
+                f"({sorted(labels)}); change study.search_seed or the ranges"
+            )
 
 
 def validate(cfg: Config) -> None:
@@ -551,6 +649,7 @@ def validate(cfg: Config) -> None:
         f"a divisor of grpo.data_budget={g.data_budget}",
         g.reuse_factor,
     )
+    check_search(cfg)
     trials = cfg.trials()
     grids = [cfg.study, *cfg.study.sweeps]
     for tau in sorted({tau for grid in grids for tau in grid.reuse_factor}):

@@ -1,4 +1,4 @@
-"""The metrics contract: the one place that says what a metric row holds (DESIGN.md), how
+"""The metrics contract: the one place that says what a metric row holds (rayrl/DESIGN.md), how
 the trials talk to Tune, and which law a row belongs to.
 
 Trainer, FitterActor, scheduler, report and `rayrl fit` all use the names below; a row
@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import json
 import numbers
-import os
 import re
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import pandas as pd
 
-# DESIGN.md's metric row: column -> type. Every row has all of them.
+from rayrl.storage import append_line, replace_atomic
+
+# rayrl/DESIGN.md's metric row: column -> type. Every row has all of them.
 COLUMNS: dict[str, type] = {
     "run_id": str,
     "family": str,
@@ -35,6 +36,9 @@ COLUMNS: dict[str, type] = {
 REQUIRED = tuple(COLUMNS)
 # Columns a row may add, with their types (timings are time_<phase>, in seconds).
 OPTIONAL: dict[str, type] = {
+    # The study variant (rayrl/search.py): its overrides, e.g. grpo.clip_high=0.28; a table
+    # without the column is all the default variant.
+    "variant": str,
     "test_loss_se": float,
     "compute_flops_all": float,  # C plus rollout generation and the pi_old / reference passes
     # Share of held-out samples with an extractable answer: 1 - answer_rate of the loss is a
@@ -52,6 +56,9 @@ STEP_COLUMNS = ("reward_mean", "response_len", "zero_var_groups", "gen_rounds", 
 BENCHMARK = re.compile(r"test_loss_(?!se$)(\w+?)(_se)?")  # test_loss_<name>[_se]
 PASS_AT = re.compile(r"pass_at_\d+(_\w+)?")  # pass_at_<k>[_<name>][_se]
 TIMING = re.compile(r"time_\w+")
+
+DEFAULT_VARIANT = "default"  # rayrl.search.DEFAULT: the study's config without overrides
+GROUP_SEP = " | "  # between a law group's family and variant
 
 # The held-out set's name among a run's evaluation sets: its loss is the row's test_loss.
 HELD_OUT = "held_out"
@@ -120,7 +127,7 @@ def check_row(row: dict[str, Any], source: str) -> None:
     """A row must hold every required column, each known column of its type."""
     missing = [c for c in REQUIRED if c not in row]
     if missing:
-        raise MetricsError(f"{source}: metric row lacks column(s) {missing} (DESIGN.md)")
+        raise MetricsError(f"{source}: metric row lacks column(s) {missing} (rayrl/DESIGN.md)")
     for name, value in row.items():
         tp = column_type(name)
         ok = tp is None or value is None or _is(value, tp)
@@ -148,7 +155,7 @@ def check_columns(df: pd.DataFrame, source: str, required: tuple[str, ...] = REQ
     missing = [c for c in required if c not in df.columns]
     if missing:
         raise MetricsError(
-            f"{source}: missing column(s) {missing} (DESIGN.md metric rows); have {list(df.columns)}"
+            f"{source}: missing column(s) {missing} (rayrl/DESIGN.md, the metric row); have {list(df.columns)}"
         )
     for name in df.columns:
         tp = column_type(name)
@@ -171,13 +178,37 @@ def read_metrics(path: str | Path) -> pd.DataFrame:
     return df
 
 
+def law_group(family: str, variant: str = DEFAULT_VARIANT) -> str:
+    """The name a law is kept under: its family, and its variant where it is not the
+    default (e.g. "base | grpo.clip_high=0.28"). Two groups never share a law."""
+    return family if variant == DEFAULT_VARIANT else f"{family}{GROUP_SEP}{variant}"
+
+
+def split_group(name: str) -> tuple[str, str]:
+    """(family, variant) of a law group's name."""
+    family, _, variant = name.partition(GROUP_SEP)
+    return family, variant or DEFAULT_VARIANT
+
+
+def law_groups(df: pd.DataFrame) -> pd.Series:
+    """Each row's law group."""
+    variant = df["variant"].fillna(DEFAULT_VARIANT) if "variant" in df.columns else None
+    if variant is None:
+        return df["family"].astype(str)
+    return pd.Series(
+        [law_group(str(f), str(v)) for f, v in zip(df["family"], variant)], index=df.index
+    )
+
+
 def families(df: pd.DataFrame) -> list[str]:
-    """The model families the rows hold, sorted."""
-    return sorted(map(str, df["family"].unique())) if len(df) else []
+    """The law groups the rows hold (families, split by variant), sorted."""
+    return sorted(law_groups(df).unique()) if len(df) else []
 
 
 class MetricsLog:
-    """Append-only from the run's point of view; rewritten atomically so a crash never truncates it."""
+    """Append-only from the run's point of view; rewritten atomically (write-temp, fsync,
+    rename: rayrl/storage.py) so a crash or a full disk never truncates it. A row is in
+    `rows`, and handed on, only once it is on disk."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -189,23 +220,21 @@ class MetricsLog:
         check_row(row, str(self.path))
         if any(r["step"] == row["step"] for r in self.rows):
             raise ValueError(f"{self.path}: step {row['step']} is already recorded")
+        self._write([*self.rows, row])
         self.rows.append(row)
-        self._write()
 
     def truncate_after(self, step: int) -> int:
         """Drop rows past a checkpoint, so resumed steps are recomputed, never duplicated."""
-        before = len(self.rows)
-        self.rows = [r for r in self.rows if r["step"] <= step]
-        if len(self.rows) != before:
-            self._write()
-        return before - len(self.rows)
+        kept = [r for r in self.rows if r["step"] <= step]
+        if len(kept) != len(self.rows):
+            self._write(kept)
+        dropped, self.rows = len(self.rows) - len(kept), kept
+        return dropped
 
-    def _write(self) -> None:
-        tmp = self.path.with_suffix(".parquet.tmp")
-        pd.DataFrame(self.rows).to_parquet(tmp, index=False)
-        os.replace(tmp, self.path)
+    def _write(self, rows: list[dict[str, Any]]) -> None:
+        replace_atomic(self.path, lambda tmp: pd.DataFrame(rows).to_parquet(tmp, index=False))
 
 
 def append_jsonl(path: str | Path, record: dict[str, Any]) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    """One record, fsynced; a failed write leaves no part of a line (rayrl/storage.py)."""
+    append_line(path, json.dumps(record))

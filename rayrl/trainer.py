@@ -1,6 +1,6 @@
 """The GRPO loop of one run: rollout -> reward -> advantage -> update -> weight sync.
 
-Every `eval_every` steps the held-out set is scored and one metric row (DESIGN.md
+Every `eval_every` steps the held-out set is scored and one metric row (rayrl/DESIGN.md
 schema) is appended to metrics.parquet; every `checkpoint_every` steps the learner
 state is saved so `--resume` continues where the last checkpoint left off.
 """
@@ -40,6 +40,7 @@ from rayrl.models.flops import forward_flops, train_flops
 from rayrl.pools import release, start_pools
 from rayrl.rewards.custom import Rule, reward_rules, route
 from rayrl.rollout.sync import SyncStats
+from rayrl.storage import write_bytes_atomic
 from rayrl.trial import Trial
 
 
@@ -258,7 +259,8 @@ class Run:
             )
             t_gen += time.perf_counter() - t0
             t0 = time.perf_counter()
-            verdicts = self.rewards.score(reward_items(r_rows, r_groups, tok))
+            to_score = reward_items(r_rows, r_groups, tok, reward_rules(self.cfg.rewards))
+            verdicts = self.rewards.score(to_score)
             score = torch.tensor([v.score for v in verdicts])
             t_reward += time.perf_counter() - t0
             reward = score
@@ -421,13 +423,12 @@ class Run:
                 self.on_step({"step": done, **out})
             if done % g.checkpoint_every == 0 or last:
                 state["unique"] = sorted(unique)
-                folder = checkpoint.prepare(ckpt_dir, done)
-                self.learners.save(str(ckpt_dir), folder.name)
+                folder, files = checkpoint.save(self.learners, ckpt_dir, done), {}
                 if self.pending is not None:  # its updates counted back from this checkpoint
                     gap = self.pending.updates - self.updates
                     pending = dataclasses.replace(self.pending, updates=gap)
-                    (folder / PENDING).write_bytes(pickle.dumps(pending))
-                checkpoint.seal(folder, state, g.checkpoint_keep, self.model_dir)
+                    files[PENDING] = pickle.dumps(pending)
+                checkpoint.seal(folder, state, g.checkpoint_keep, self.model_dir, files)
             bar.update(1)
             bar.set_postfix_str(
                 f"reward {out['reward_mean']:.2f} loss {last_eval[HELD_OUT].test_loss if last_eval else float('nan'):.3f} "
@@ -456,6 +457,7 @@ class Run:
             "rollout_n": spec.rollout_n,
             "reuse_factor": spec.reuse_factor,
             "seed": spec.seed,
+            "variant": spec.variant,
             **{benchmark_column(name): e.test_loss for name, e in ev.items()},
             **{benchmark_column(name) + "_se": e.se for name, e in ev.items()},
             "compute_flops_all": state["compute_all"],
@@ -487,7 +489,7 @@ PENDING = "pending.pkl"  # in a checkpoint's folder: the overlapped loop's next 
 def truncate_jsonl(path: Path, step: int) -> None:
     if path.exists():
         keep = [ln for ln in path.read_text().splitlines() if json.loads(ln)["step"] <= step]
-        path.write_text("".join(ln + "\n" for ln in keep))
+        write_bytes_atomic(path, "".join(ln + "\n" for ln in keep).encode())
 
 
 def resolve_model_dir(cfg: Config, name: str, family: str) -> str:

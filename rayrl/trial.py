@@ -3,6 +3,8 @@
 `Config.trials()` makes them, Tune carries them in its param space (`to_params` /
 `from_params`), and the run, its run id, the dry-run and the live table read them by
 attribute. A trial of `rayrl train` is the same record, made from the config's own values.
+A trial of a searched study also carries its variant: the config overrides it runs with
+(rayrl.search).
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
+
+from rayrl.search import DEFAULT, label
 
 
 @dataclass(frozen=True)
@@ -20,24 +24,44 @@ class Trial:
     reuse_factor: int  # tau
     seed: int
     sweeps: tuple[str, ...] = field(default=(), compare=False)  # the study sweeps it belongs to
+    # The variant: dotted config key -> value, sorted by key; () is the default variant.
+    overrides: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def variant(self) -> str:
+        return label(dict(self.overrides))
 
     @property
     def run_id(self) -> str:
-        return f"{self.model}-{self.family}-n{self.rollout_n}-tau{self.reuse_factor}-s{self.seed}"
+        base = f"{self.model}-{self.family}-n{self.rollout_n}-tau{self.reuse_factor}-s{self.seed}"
+        return base if self.variant == DEFAULT else f"{base}-{self.variant}"
 
     @property
     def key(self) -> tuple:
         """What makes two trials the same run (a run in several sweeps is one trial)."""
-        return (self.model, self.family, self.rollout_n, self.reuse_factor, self.seed)
+        return (self.model, self.family, self.rollout_n, self.reuse_factor, self.seed, self.variant)
 
     def to_params(self) -> dict[str, Any]:
-        """Plain values for Tune's param space (and its live table's trial/<field> columns)."""
-        return {**dataclasses.asdict(self), "sweeps": list(self.sweeps)}
+        """Plain values for Tune's param space (and its live table's trial/<field> columns);
+        the overrides go to the trackers as parameters."""
+        return {
+            **dataclasses.asdict(self),
+            "sweeps": list(self.sweeps),
+            "overrides": dict(self.overrides),
+            "variant": self.variant,
+        }
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> Trial:
-        return cls(**{**params, "sweeps": tuple(params.get("sweeps", ()))})
+        params = {k: v for k, v in params.items() if k != "variant"}
+        return cls(
+            **{
+                **params,
+                "sweeps": tuple(params.get("sweeps", ())),
+                "overrides": tuple(sorted(dict(params.get("overrides", {})).items())),
+            }
+        )
 
 
 # The live table's parameter columns, by field.
-COLUMNS = ("model", "family", "rollout_n", "reuse_factor", "seed")
+COLUMNS = ("model", "family", "rollout_n", "reuse_factor", "seed", "variant")

@@ -206,3 +206,32 @@ def test_a_real_run_keeps_two_exports_its_policy_and_resumes_past_a_corrupt_chec
     logged = [json.loads(x)["step"] for x in (run_dir / "steps.jsonl").read_text().splitlines()]
     assert logged == [1, 2, 3, 4, 5, 6] and len(steps_before) == 6
     assert checkpoint.kept(ckpt_dir) == [6, 4] and checkpoint.verify(ckpt_dir / "step6") is None
+
+
+@pytest.mark.vllm
+def test_rayrl_export_merges_zero3_shards_into_the_learners_weights(ray_session, tmp_path):
+    """Two ZeRO-3 ranks each save a shard of the policy; `rayrl export` puts them together
+    into the weights the learner group holds, as the run's own export does."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from rayrl.cli import main
+    from rayrl.trainer import Run
+    from rayrl.trial import Trial
+
+    shards = {"resources.learners": 2, "resources.zero_stage": 3, "grpo.lr": 3e-3}
+    cfg = load_config(SMOKE, {"output_dir": str(tmp_path), "grpo.data_budget": 16, **shards})
+    run = Run(cfg, Trial("smoke-1", "base", 4, 1, 0), tmp_path / "run")
+    try:
+        run.run(progress=False)
+        state = dict(run.learners.named_weights())
+    finally:
+        run.shutdown(keep=False)
+    ckpt = tmp_path / "run" / checkpoint.CHECKPOINTS / "step2"
+    assert len(list(ckpt.glob("zero_pp_rank_*_optim_states.pt"))) == 2  # one shard per rank
+    assert main(["export", str(tmp_path / "run"), "--step", "2", "--out", str(tmp_path / "x")]) == 0
+    assert main(["export", str(tmp_path / "run"), "--step", "1"]) == 2  # not a kept step
+    for out in (tmp_path / "x", tmp_path / "run" / checkpoint.HF_EXPORT):
+        exported = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).state_dict()
+        for name, w in state.items():
+            torch.testing.assert_close(exported[name], w, atol=0, rtol=0)

@@ -565,8 +565,10 @@ def test_cluster_config_loads_and_reproduces_the_paper(name):
 
 
 @pytest.mark.parametrize("name", CLUSTER_CONFIGS)
-def test_cluster_config_data_paths_are_guru_files(name, guru_dir):
-    """Each data path is <mount>/data/guru/<a file that shared/data/guru has>."""
+def test_cluster_config_data_paths_are_guru_files(name, guru_dir, monkeypatch):
+    """Each data path is <mount>/data/guru/<a file that shared/data/guru has>: the default of
+    ${RAYRL_GURU_DIR}, which the manifests set to that folder."""
+    monkeypatch.delenv("RAYRL_GURU_DIR", raising=False)
     cfg = load_config(ROOT / "configs" / name)
     (cluster,) = by_kind("RayCluster")
     prefix = f"{mount_path(cluster)}/data/guru/"

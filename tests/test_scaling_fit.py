@@ -142,7 +142,7 @@ def test_unusable_tables_raise_clear_errors(paper_table):
 
 
 def test_baseline_rows_and_optional_columns(paper_table):
-    """Step-0 rows (X = 0) are not points; only the DESIGN.md core columns are needed."""
+    """Step-0 rows (X = 0) are not points; only the rayrl/DESIGN.md core columns are needed."""
     base = paper_table.groupby("run_id").head(1).assign(step=0, compute_flops=0.0)
     core = pd.concat([base, paper_table])[
         ["run_id", "n_params", "step", "compute_flops", "test_loss"]

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-# Guru rows carry Qwen2.5-7B's measured pass rate; synthetic rows carry their own proxy.
-PASS_RATE_KEYS = ("qwen2.5_7b_pass_rate", "synthetic_pass_rate")
+# A row's share of solved samples by some reference model, the first of these that its
+# extra_info holds: your own data's pass_rate, guru's Qwen2.5-7B measurement, or the
+# synthetic task's proxy.
+PASS_RATE_KEYS = ("pass_rate", "qwen2.5_7b_pass_rate", "synthetic_pass_rate")
 
 
 def pass_rate(row: dict) -> float:

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
-from rayrl.data.rows import Malformed, problem
+from rayrl.data.curriculum import PASS_RATE_KEYS
+from rayrl.data.rows import REQUIRED, Malformed, missing_field, problem
 
 log = logging.getLogger(__name__)
 
@@ -29,25 +32,45 @@ class LoadResult:
         self.malformed.extend(other.malformed)
 
 
-def load_rows(path_or_name: str, split: str = "train") -> LoadResult:
+def load_rows(path_or_name: str, split: str = "train", difficulty: bool = False) -> LoadResult:
     """Rows from a parquet file, a folder of parquet files, or a `datasets` name.
 
-    Malformed rows are skipped, counted in `.malformed` and summarised in one warning.
+    A row without one of the schema's fields (rows.REQUIRED; with `difficulty`, also a pass
+    rate in extra_info, which the curriculum and the reuse sampler order by) is a DataError
+    naming its file, row and field. Malformed rows are skipped, counted in `.malformed` and
+    summarised in one warning.
     """
     path = Path(path_or_name).expanduser()
     if path.is_file():
-        result = validate_rows(pq.read_table(path).to_pylist(), str(path))
+        result = validate_rows(read_file(path), str(path), difficulty)
     elif path.is_dir():
         files = sorted(path.glob("*.parquet")) or sorted(path.rglob("*.parquet"))
         if not files:
             raise DataError(f"{path}: folder holds no .parquet files")
         result = LoadResult()
         for f in files:
-            result.extend(validate_rows(pq.read_table(f).to_pylist(), str(f)))
+            result.extend(validate_rows(pq.read_table(f).to_pylist(), str(f), difficulty))
     else:
-        result = validate_rows(_load_dataset(path_or_name, split), f"{path_or_name}[{split}]")
+        rows = _load_dataset(path_or_name, split)
+        result = validate_rows(rows, f"{path_or_name}[{split}]", difficulty)
     warn_malformed(result.malformed)
     return result
+
+
+def read_file(path: Path) -> list[Any]:
+    """The rows of a .parquet, .jsonl (one row a line) or .json (a list of rows) file."""
+    try:
+        if path.suffix == ".jsonl":
+            lines = path.read_text().splitlines()
+            return [json.loads(line) for line in lines if line.strip()]
+        if path.suffix == ".json":
+            rows = json.loads(path.read_text())
+            if not isinstance(rows, list):
+                raise DataError(f"{path}: expected a JSON list of rows, got {type(rows).__name__}")
+            return rows
+        return pq.read_table(path).to_pylist()
+    except (json.JSONDecodeError, pa.ArrowException) as e:
+        raise DataError(f"{path}: not a .parquet, .jsonl or .json file of rows: {e}") from None
 
 
 def _load_dataset(name: str, split: str) -> list[dict]:
@@ -63,10 +86,21 @@ def _load_dataset(name: str, split: str) -> list[dict]:
     return ds.to_list()
 
 
-def validate_rows(raw: list[Any], file: str) -> LoadResult:
-    """Keep usable rows, record the others by file and index."""
+def validate_rows(raw: list[Any], file: str, difficulty: bool = False) -> LoadResult:
+    """Keep usable rows, record the others by file and index; refuse a row that lacks a field."""
     result = LoadResult()
     for i, row in enumerate(raw):
+        field_ = missing_field(row) if isinstance(row, dict) else None
+        if field_ is None and difficulty and isinstance(row, dict):
+            extra = row.get("extra_info")
+            if not isinstance(extra, dict) or all(extra.get(k) is None for k in PASS_RATE_KEYS):
+                field_ = f"extra_info.{PASS_RATE_KEYS[0]}"
+        if field_:
+            need = [*REQUIRED, *([f"extra_info.{PASS_RATE_KEYS[0]}"] if difficulty else [])]
+            raise DataError(
+                f"{file}: row {i}: no field '{field_}' (every row needs {', '.join(need)}; "
+                f"the schema is in docs/data.md)"
+            )
         reason = problem(row)
         if reason:
             result.malformed.append(Malformed(file, i, reason))

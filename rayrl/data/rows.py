@@ -15,6 +15,24 @@ class Malformed:
     reason: str
 
 
+# Fields every row must have (docs/data.md). A file whose rows lack one is not in the schema
+# and is refused; a row whose field is there but unusable (empty, no role) is skipped.
+REQUIRED = ("data_source", "ability", "prompt", "reward_model.ground_truth")
+
+
+def missing_field(row: Any) -> str | None:
+    """The first of REQUIRED that `row` (a mapping) does not have, or None."""
+    for name in REQUIRED:
+        node = row
+        for part in name.split("."):
+            if not isinstance(node, dict):  # a null reward_model: a bad value, not the schema
+                break
+            if part not in node:
+                return name
+            node = node[part]
+    return None
+
+
 def problem(row: Any) -> str | None:
     """Why `row` cannot be trained or evaluated on, or None when it can."""
     if not isinstance(row, dict):

@@ -21,6 +21,17 @@ class Task:
     malformed: list[Malformed] = field(default_factory=list)
 
 
+def check_data(cfg: Config) -> None:
+    """Read every data file of `cfg` now, so that a file or a row out of the schema
+    (docs/data.md) fails before any actor starts: a DataError naming file, row and field."""
+    d = cfg.data
+    if d.source == "guru":
+        load_rows(d.train_path, split="train", difficulty=True)
+        load_rows(d.test_path, split="test")
+    for path in d.eval_paths:
+        load_rows(path, split="test")
+
+
 def load_task(cfg: Config) -> Task:
     d = cfg.data
     if d.source == "synthetic":
@@ -29,7 +40,7 @@ def load_task(cfg: Config) -> Task:
         )
         task = Task(curriculum_order(train), curriculum_order(test), evals)
     else:
-        train = load_rows(d.train_path, split="train")
+        train = load_rows(d.train_path, split="train", difficulty=True)
         test = load_rows(d.test_path, split="test")
         task = Task(curriculum_order(train.rows), test.rows)
         task.malformed = train.malformed + test.malformed

@@ -1,7 +1,9 @@
-"""Models rayrl did not build: any HF causal-LM directory (or a GGUF file, converted once).
+"""Models rayrl did not build: any HF causal-LM directory, hub id or GGUF file (converted once).
 
-A model is given by path (`rayrl train CONFIG --model DIR --family base|instruct`) or listed
-under `ladder.models` with `path` and `family`. `check_model_dir` holds every check that
+A model is given by path or hub id (`rayrl train CONFIG --model DIR|ORG/NAME --family
+base|instruct`) or listed under `ladder.models` with `path` and `family`. A hub id resolves to
+its snapshot in the Hugging Face cache, downloaded there first when the hub is reachable; with
+HF_HUB_OFFLINE=1 only a cached id works (hub_dir). `check_model_dir` holds every check that
 must pass before any actor starts; the CLI, the study and each Run call it. Its errors name
 the file, the key and what was expected.
 """
@@ -9,17 +11,66 @@ the file, the key and what was expected.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from rayrl.config import Config, ConfigError, ModelSpec
 from rayrl.models.convert import converted, is_gguf
 
 WEIGHT_GLOBS = ("*.safetensors", "*.bin")
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # org/name, as the hub spells repo ids
+# What a run needs from a hub repo: config, tokenizer, chat template, weights (safetensors,
+# else .bin: HUB_FALLBACK), not the ONNX, GGUF or original checkpoints some repos also hold.
+HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja"]
+HUB_FALLBACK = ["*.bin"]
 
 
-def model_dir(path: str) -> Path:
-    """The HF directory of a model path: the directory itself, or a GGUF file's conversion."""
-    return converted(path) if is_gguf(path) else Path(path).expanduser()
+def is_hub_id(path: str) -> bool:
+    """`path` reads as a hub repo id (org/name) and names nothing on this machine."""
+    return bool(HUB_ID.fullmatch(path)) and not Path(path).expanduser().exists()
+
+
+def hub_dir(repo_id: str, key: str = "--model") -> Path:
+    """The local snapshot of hub model `repo_id`, as transformers and vLLM would use it: from
+    the Hugging Face cache (HF_HUB_CACHE), downloaded into it first unless HF_HUB_OFFLINE."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    offline = bool(constants.HF_HUB_OFFLINE)
+    try:
+        path = Path(snapshot_download(repo_id, allow_patterns=HUB_FILES, local_files_only=offline))
+        if not any(next(path.glob(g), None) for g in WEIGHT_GLOBS) and not offline:
+            path = Path(snapshot_download(repo_id, allow_patterns=HUB_FILES + HUB_FALLBACK))
+        return path
+    except LocalEntryNotFoundError:
+        cache = Path(constants.HF_HUB_CACHE)
+        folder = cache / f"models--{repo_id.replace('/', '--')}"
+        why = (
+            "HF_HUB_OFFLINE=1 forbids downloading it"
+            if offline
+            else "the hub could not be reached to download it"
+        )
+        raise ConfigError(
+            f"key '{key}': {repo_id!r} is neither a model directory here nor a hub model in the "
+            f"Hugging Face cache {cache} (HF_HUB_CACHE), and {why}. Download it where the hub "
+            f"is reachable with `hf download {repo_id}` into the same cache (or copy that "
+            f"cache's {folder.name}/ folder here), or put the model's files in "
+            f"{folder}/snapshots/<revision>/ and write <revision> into {folder}/refs/main, or "
+            f"pass the model's directory"
+        ) from None
+    except (HfHubHTTPError, OSError, ValueError) as e:
+        raise ConfigError(
+            f"key '{key}': {repo_id!r} is neither a model directory here nor a hub model that "
+            f"could be downloaded: {type(e).__name__}: {e}"
+        ) from None
+
+
+def model_dir(path: str, key: str = "--model") -> Path:
+    """The HF directory of a model path: the directory itself, a GGUF file's conversion, or
+    a hub id's snapshot in the Hugging Face cache."""
+    if is_gguf(path):
+        return converted(path)
+    return hub_dir(path, key) if is_hub_id(path) else Path(path).expanduser()
 
 
 def add_model(cfg: Config, path: str, family: str) -> str:
@@ -47,12 +98,16 @@ def check_model_dir(cfg: Config, path: str, key: str) -> Path:
     must support its head size.
     """
     where = cfg.source or "<config>"
-    directory = model_dir(path)
+    try:
+        directory = model_dir(path, key)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
     config = directory / "config.json"
     if not (config.is_file() and any(next(directory.glob(g), None) for g in WEIGHT_GLOBS)):
         raise ConfigError(
             f"{where}: key '{key}' expected an HF model directory (config.json and "
-            f"{' or '.join(WEIGHT_GLOBS)} weights) or a .gguf file, got {path!r}"
+            f"{' or '.join(WEIGHT_GLOBS)} weights), a hub id or a .gguf file, got {path!r}"
+            + (f" (its snapshot {directory} lacks them)" if is_hub_id(path) else "")
         )
     try:
         hf = json.loads(config.read_text())

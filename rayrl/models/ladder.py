@@ -62,7 +62,7 @@ def cache_key(cfg: Config, spec: ModelSpec) -> str:
 
 
 def pretrain_steps(cfg: Config, non_embedding: int) -> int:
-    """Equal tokens per parameter, or equal steps when that is 0 (DESIGN.md's measured hint:
+    """Equal tokens per parameter, or equal steps when that is 0 (rayrl/DESIGN.md's measured hints:
     never equal wall time), with a floor of pretrain_min_steps."""
     lad = cfg.ladder
     tokens = lad.pretrain_tokens_per_param * non_embedding

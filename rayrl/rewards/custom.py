@@ -24,7 +24,6 @@ import inspect
 import logging
 import math
 import numbers
-import os
 import sys
 import time
 import traceback
@@ -65,15 +64,6 @@ def split_ref(ref: str) -> tuple[str, str]:
 
 def is_file_ref(ref: str) -> bool:
     return ref.rpartition(":")[0].endswith(".py")
-
-
-def resolve_ref(ref: str, base: Path) -> str:
-    """A file reference with its path made absolute against `base` (the config's folder)."""
-    if not is_file_ref(ref):
-        return ref
-    target, name = split_ref(ref)
-    path = Path(os.path.expandvars(target)).expanduser()
-    return f"{path if path.is_absolute() else (base / path).resolve()}:{name}"
 
 
 def load_function(ref: str) -> Callable:

@@ -11,7 +11,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from rayrl.metrics import AXES, UNITS, LawKey, MetricsError, families, read_metrics, x_column
+from rayrl.metrics import (
+    AXES,
+    UNITS,
+    LawKey,
+    MetricsError,
+    families,
+    law_groups,
+    read_metrics,
+    split_group,
+    x_column,
+)
 from rayrl.scaling.bootstrap import N_BOOT
 from rayrl.scaling.compare import compare_forms
 from rayrl.scaling.figures import plot_k_families, plot_k_of_N, plot_loss_curves, plot_per_size
@@ -87,7 +97,7 @@ def fit_table(
         raise ValueError(f"protocol must be 'intra', 'inter' or None, got {protocol!r}")
     x_column(x)
     if "family" not in df.columns:
-        raise MetricsError(f"{source}: missing column(s) ['family'] (DESIGN.md metric rows)")
+        raise MetricsError(f"{source}: missing column(s) ['family'] (rayrl/DESIGN.md, the metric row)")
     names = families(df)
     if family is not None and family not in names:
         raise MetricsError(f"{source}: no rows with family == {family!r} (have {names})")
@@ -97,11 +107,12 @@ def fit_table(
     main, rule = law_rows(df, rollout_n)
     doc: dict = {"source": source, "x": x, "rows": rule, "families": {}}
     objects: dict[str, dict] = {}
+    group, main_group = law_groups(df), law_groups(main)
     for name in names:
-        rows = main[main["family"].astype(str) == name]
+        rows = main[main_group == name]
         # The reuse study: every tau at the main group size.
         n = rule.get("rollout_n")
-        reuse = df[(df["family"].astype(str) == name) & ((df["rollout_n"] == n) if n else True)]
+        reuse = df[(group == name) & ((df["rollout_n"] == n) if n else True)]
         try:
             doc["families"][name], objects[name] = _fit_family(
                 rows, reuse, x, protocol, fit_fraction, n_boot, E_form, loss, f"{source} [{name}]"
@@ -110,6 +121,9 @@ def fit_table(
             if len(names) == 1:
                 raise
             doc["families"][name] = {"status": "error", "error": str(e), "warnings": [], "laws": {}}
+    for name, entry in doc["families"].items():  # a law group is a family and a variant
+        fam, variant = split_group(name)
+        entry.update(family=fam, variant=variant)
     doc["status"] = max((f["status"] for f in doc["families"].values()), key=STATUS_ORDER.index)
     return _json_safe(doc), objects
 

@@ -43,7 +43,7 @@ def make_metrics(
     seed: int = 0,
     family: str = "synthetic",
 ) -> pd.DataFrame:
-    """A metrics table (DESIGN.md columns) whose runs follow the main law with these k_max and N0.
+    """A metrics table (rayrl/DESIGN.md columns) whose runs follow the main law with these k_max and N0.
 
     overfit adds overfit * D / D_total to log L: a run that loses ground as it repeats data.
     """

@@ -1,4 +1,4 @@
-"""Metric rows (DESIGN.md schema) to the arrays a fit uses, with bad rows named, not hidden."""
+"""Metric rows (rayrl/DESIGN.md schema) to the arrays a fit uses, with bad rows named, not hidden."""
 
 from __future__ import annotations
 

@@ -124,11 +124,30 @@ def connect() -> None:
     try:
         ray.init(address=address, log_to_driver=False)
     except ConnectionError as e:
+        if not auth_token_found():
+            # Ray's clusters take token authentication by default, and a client without
+            # the token sees the same ConnectionError as one with no cluster at all.
+            raise ConfigError(
+                f"no Ray cluster accepted this process at {address!r} ({e}), and it holds no "
+                f"auth token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or {TOKEN_FILE} are unset or "
+                "absent): if the cluster uses token authentication, copy the head's "
+                f"{TOKEN_FILE} here or set RAY_AUTH_TOKEN; otherwise start one "
+                "(`ray start --head`)"
+            ) from None
         raise ConfigError(
-            f"--dry-run places each trial on a running Ray cluster, and none answered at "
-            f"{address!r} ({e}); start one (`ray start --head`) or run the dry run as a job "
-            "(`ray job submit -- rayrl study CONFIG --dry-run`)"
+            f"rayrl places each run on a running Ray cluster, and none answered at "
+            f"{address!r} ({e}); start one (`ray start --head`) or run rayrl as a job "
+            "(`ray job submit -- rayrl study CONFIG`)"
         ) from None
+
+
+TOKEN_FILE = "~/.ray/auth_token"  # where `ray start` keeps the cluster's token
+
+
+def auth_token_found() -> bool:
+    """Does this process hold a Ray auth token, where Ray looks for one?"""
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.expanduser(TOKEN_FILE)
+    return bool(os.environ.get("RAY_AUTH_TOKEN")) or os.path.isfile(path)
 
 
 def placement_failures(cfg: Config, timeout_s: float = PLACEMENT_TIMEOUT_S) -> list[str]:

@@ -36,7 +36,15 @@ import numpy as np
 import pandas as pd
 import ray
 
-from rayrl.metrics import FORECAST, REQUIRED, LawKey, MetricsError, check_columns, x_column
+from rayrl.metrics import (
+    FORECAST,
+    REQUIRED,
+    LawKey,
+    MetricsError,
+    check_columns,
+    law_groups,
+    x_column,
+)
 from rayrl.scaling.document import fit_table, laws_of, without_draws, write_json
 from rayrl.scaling.fit import FitError, MainFit
 from rayrl.scaling.planner import best_size, reuse_study
@@ -261,7 +269,7 @@ class Fitter:
                     else {"error": f"no {axis}-axis law for {family!r}"}
                 )
         with self._lock:
-            rows = self._rows[self._rows["family"].astype(str) == family]
+            rows = self._rows[law_groups(self._rows) == family]
         if rows["reuse_factor"].nunique() > 1:
             out["reuse"] = reuse_study(rows)
         return out
@@ -275,7 +283,7 @@ class Fitter:
         if run.empty:
             return None
         N = float(run["n_params"].iloc[0])
-        law = laws.get(LawKey(self.x, str(run["family"].iloc[0])))
+        law = laws.get(LawKey(self.x, str(law_groups(run.iloc[:1]).iloc[0])))
         try:
             rf = fit_run(run[self.column].to_numpy(float), run["test_loss"].to_numpy(float), law, N)
         except FitError:

@@ -77,6 +77,7 @@ def run_trial(params: dict[str, Any], cfg: Config, study_dir: str) -> None:
     from rayrl.study.fitter import get_fitter, send_row
 
     spec = Trial.from_params(params["trial"])
+    cfg = cfg.with_overrides(dict(spec.overrides))  # the variant's config
     fitter = get_fitter(study_dir)
     total_steps = cfg.grpo.steps
     x_col = x_column(cfg.study.x)
@@ -191,7 +192,9 @@ def run_study(cfg: Config, out_dir: str | None = None) -> Path:
         trainable = tune.with_resources(
             tune.with_parameters(run_trial, cfg=cfg, study_dir=str(study_dir)),
             lambda params: trial_resources(
-                cfg, params["trial"]["model"], params["trial"]["family"]
+                cfg.with_overrides(params["trial"]["overrides"]),
+                params["trial"]["model"],
+                params["trial"]["family"],
             ),
         )
         sched = ScalingLawScheduler(

@@ -1,0 +1,114 @@
+"""A full disk (ENOSPC) at a write: the error names the directory and says it is out of
+space, and nothing already written or acknowledged is lost or left half-written."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import pickle
+
+import pandas as pd
+import pytest
+
+from rayrl import checkpoint
+from rayrl.metrics import MetricsLog, append_jsonl, read_metrics
+from rayrl.storage import OutOfSpace, is_out_of_space, writing
+
+ROW = {
+    "run_id": "r",
+    "family": "base",
+    "model": "m",
+    "n_params": 10,
+    "compute_flops": 1.0,
+    "data_samples": 8,
+    "unique_samples": 8,
+    "rollout_n": 4,
+    "reuse_factor": 1,
+    "seed": 0,
+    "test_loss": 0.5,
+}
+
+
+def enospc(*_a, **_k):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_a_full_disk_at_a_metrics_write_keeps_every_row_already_written(tmp_path, monkeypatch):
+    log = MetricsLog(tmp_path / "metrics.parquet")
+    log.append({**ROW, "step": 0})
+    log.append({**ROW, "step": 2})
+    before = (tmp_path / "metrics.parquet").read_bytes()
+    monkeypatch.setattr(pd.DataFrame, "to_parquet", enospc)
+    with pytest.raises(OutOfSpace) as e:
+        log.append({**ROW, "step": 4})
+    assert str(e.value).startswith(f"{tmp_path}: out of space (No space left on device)")
+    assert "writing metrics.parquet" in str(e.value) and e.value.errno == errno.ENOSPC
+    with pytest.raises(OutOfSpace):
+        log.truncate_after(0)
+    monkeypatch.undo()
+    # the file is the one before the failed write, whole; the row was never acknowledged
+    assert (tmp_path / "metrics.parquet").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.parquet"]  # no .tmp left
+    assert [r["step"] for r in log.rows] == [0, 2]
+    assert read_metrics(tmp_path / "metrics.parquet")["step"].tolist() == [0, 2]
+    log.append({**ROW, "step": 4})  # with space again, the run goes on
+    assert MetricsLog(tmp_path / "metrics.parquet").rows[-1]["step"] == 4
+
+
+def test_a_full_disk_mid_line_leaves_no_part_of_it(tmp_path, monkeypatch):
+    path = tmp_path / "steps.jsonl"
+    append_jsonl(path, {"step": 1})
+    real = os.write
+
+    def half_then_full(fd, data):  # the disk fills halfway through the line
+        if len(data) > 4:
+            return real(fd, bytes(data[: len(data) // 2]))
+        enospc()
+
+    monkeypatch.setattr(os, "write", half_then_full)
+    with pytest.raises(OutOfSpace, match=rf"^{tmp_path}: out of space .* writing steps.jsonl"):
+        append_jsonl(path, {"step": 2, "loss": 0.123456})
+    monkeypatch.undo()
+    assert path.read_text() == '{"step": 1}\n'
+    append_jsonl(path, {"step": 2})
+    assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [1, 2]
+
+
+def test_a_full_disk_while_sealing_leaves_the_checkpoint_incomplete_and_the_older_kept(
+    tmp_path, monkeypatch
+):
+    older = checkpoint.prepare(tmp_path, 2)
+    older.mkdir()
+    (older / "model.pt").write_bytes(b"w" * 100)
+    checkpoint.seal(older, {"step": 2}, keep=1)
+    path = checkpoint.prepare(tmp_path, 4)
+    path.mkdir()
+    (path / "model.pt").write_bytes(b"v" * 100)
+    real = checkpoint.write_bytes_atomic
+
+    def full_at_manifest(p, data):
+        if p.name == checkpoint.MANIFEST:
+            enospc()
+        real(p, data)
+
+    monkeypatch.setattr(checkpoint, "write_bytes_atomic", full_at_manifest)
+    with pytest.raises(OutOfSpace, match=rf"^{path}: out of space"):
+        checkpoint.seal(path, {"step": 4}, keep=1, files={"pending.pkl": pickle.dumps(1)})
+    assert checkpoint.verify(path) == "no manifest (its write never finished)"
+    assert checkpoint.kept(tmp_path) == [2] and checkpoint.verify(older) is None
+
+
+def test_an_out_of_space_error_is_recognised_through_a_wrapper():
+    class Wrapped(RuntimeError):  # as Ray and Tune pass on a remote error: its text
+        pass
+
+    inner = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    assert is_out_of_space(Wrapped(f"trial failed: {inner}"))
+    assert not is_out_of_space(OSError(errno.EACCES, "Permission denied"))
+    with pytest.raises(OutOfSpace, match=r"/ckpt: out of space"), writing("/ckpt", "step4"):
+        raise Wrapped(f"RayTaskError(OSError): {inner}")
+    with pytest.raises(PermissionError), writing("/ckpt"):
+        raise PermissionError(errno.EACCES, "Permission denied")
+    e = pickle.loads(pickle.dumps(OutOfSpace("/d", "x")))
+    assert isinstance(e, OutOfSpace) and str(e).startswith("/d: out of space")
