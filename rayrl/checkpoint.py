@@ -236,10 +236,11 @@ def checkpoint_weights(path: Path) -> dict[str, Any]:
     return torch.load(states, map_location="cpu", weights_only=False)["module"]
 
 
-def export(path: Path, out: Path) -> Path:
+def export(path: Path, out: Path, model_dir: str | None = None) -> Path:
     """Write the checkpoint in `path` as an HF model directory `out` (config, safetensors,
-    tokenizer) that transformers and vLLM load. Written beside `out` and renamed into
-    place: `out` is whole or absent."""
+    tokenizer) that transformers and vLLM load; the config and tokenizer are the
+    checkpoint's own, else `model_dir`'s. Written beside `out` and renamed into place:
+    `out` is whole or absent."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -248,7 +249,9 @@ def export(path: Path, out: Path) -> Path:
         raise CheckpointError(f"{path}: cannot export: {problem}")
     meta = path / HF_META
     if not (meta / "config.json").exists():
-        raise CheckpointError(f"{path}: no {HF_META}/config.json (written before exports)")
+        if model_dir is None:
+            raise CheckpointError(f"{path}: no {HF_META}/config.json (written before exports)")
+        meta = Path(model_dir)
     state = checkpoint_weights(path)
     config = AutoConfig.from_pretrained(meta)
     with torch.device("meta"):
@@ -279,6 +282,15 @@ def export(path: Path, out: Path) -> Path:
         os.replace(tmp, out)
         fsync_dir(out.parent)
     return out
+
+
+def export_final(run_dir: Path, step: int, model_dir: str, trained: bool) -> Path | None:
+    """The run's final policy as RUN_DIR/hf, from its last checkpoint: after a run that
+    `trained` up to it, or where it is missing (a run finished before exports)."""
+    out, last = Path(run_dir) / HF_EXPORT, folder(Path(run_dir) / CHECKPOINTS, step)
+    if not trained and (out.exists() or not (last / MANIFEST).exists()):
+        return None
+    return export(last, out, model_dir)
 
 
 def export_run(run_dir: Path, step: int | None = None, out: Path | None = None) -> Path:

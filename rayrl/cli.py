@@ -193,7 +193,9 @@ def cmd_fit(args: argparse.Namespace) -> None:
     if not any(fam["laws"] for fam in summary["families"].values()):
         raise FitFailed(
             f"{args.metrics}: no law could be fitted ("
-            + "; ".join(f"{n}: {f.get('error', f['status'])}" for n, f in summary["families"].items())
+            + "; ".join(
+                f"{n}: {f.get('error', f['status'])}" for n, f in summary["families"].items()
+            )
             + ")"
         )
 
@@ -231,25 +233,28 @@ def _version() -> str:
         return "unknown (not installed)"
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="rayrl", description=__doc__)
-    p.add_argument("--version", action="version", version=f"rayrl {_version()}")
-    sub = p.add_subparsers(dest="verb", required=True)
+def _config_args(q: argparse.ArgumentParser) -> None:
+    q.add_argument("config", help="a YAML config (see configs/)")
+    q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
 
-    def config_args(q: argparse.ArgumentParser) -> None:
-        q.add_argument("config", help="a YAML config (see configs/)")
-        q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
 
-    cf = sub.add_parser("config", help="print the resolved config (file, --set overrides, defaults)")
-    config_args(cf)
+def _config_verb(sub: Any) -> None:
+    """`rayrl config`."""
+    cf = sub.add_parser(
+        "config", help="print the resolved config (file, --set overrides, defaults)"
+    )
+    _config_args(cf)
     cf.set_defaults(func=cmd_config)
 
+
+def _models_verb(sub: Any) -> None:
+    """`rayrl models build|convert`."""
     m = sub.add_parser("models", help="the tiny model ladder")
     msub = m.add_subparsers(dest="action", required=True)
     b = msub.add_parser(
         "build", help="build (or reuse the cache of) the ladder and print its table"
     )
-    config_args(b)
+    _config_args(b)
     b.set_defaults(func=cmd_models)
     c = msub.add_parser(
         "convert", help="convert a GGUF (llama.cpp) checkpoint into an HF model directory"
@@ -258,8 +263,11 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("out", nargs="?", help="directory to write (default: the cache, reused)")
     c.set_defaults(func=cmd_convert)
 
+
+def _train_verb(sub: Any) -> None:
+    """`rayrl train`."""
     t = sub.add_parser("train", help="one GRPO run")
-    config_args(t)
+    _config_args(t)
     t.add_argument(
         "--model", help="ladder.models name, HF model directory, hub id (org/name) or .gguf file"
     )
@@ -276,8 +284,11 @@ def parser() -> argparse.ArgumentParser:
     )
     t.set_defaults(func=cmd_train)
 
+
+def _study_verb(sub: Any) -> None:
+    """`rayrl study`."""
     s = sub.add_parser("study", help="the Tune search over model size x rollout n x reuse factor")
-    config_args(s)
+    _config_args(s)
     s.add_argument("--out", help="study directory (default: OUTPUT_DIR)")
     s.add_argument(
         "--no-scheduler", action="store_true", help="run every trial to the end (study.scheduler)"
@@ -305,6 +316,9 @@ def parser() -> argparse.ArgumentParser:
     )
     s.set_defaults(func=cmd_study)
 
+
+def _fit_verb(sub: Any) -> None:
+    """`rayrl fit`."""
     f = sub.add_parser("fit", help="fit the scaling laws to a metrics table, per family")
     f.add_argument("metrics", help="METRICS.parquet or METRICS.csv")
     f.add_argument("--x", choices=sorted(AXES), default="compute", help="the resource axis X")
@@ -345,6 +359,9 @@ def parser() -> argparse.ArgumentParser:
     )
     f.set_defaults(func=cmd_fit)
 
+
+def _plan_verb(sub: Any) -> None:
+    """`rayrl plan`."""
     pl = sub.add_parser("plan", help="the planner's answer for a budget")
     pl.add_argument("fit_json", help="fit.json written by `rayrl fit` or a study")
     pl.add_argument(
@@ -354,10 +371,16 @@ def parser() -> argparse.ArgumentParser:
     pl.add_argument("--family", default=None, help="plan one model family (default: each)")
     pl.set_defaults(func=cmd_plan)
 
+
+def _report_verb(sub: Any) -> None:
+    """`rayrl report`."""
     r = sub.add_parser("report", help="(re)write a study's report")
     r.add_argument("study_dir")
     r.set_defaults(func=cmd_report)
 
+
+def _export_verb(sub: Any) -> None:
+    """`rayrl export`."""
     e = sub.add_parser(
         "export", help="a run's checkpoint as an HF model directory (transformers, vLLM)"
     )
@@ -365,6 +388,26 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--step", type=int, help="a kept checkpoint's step (default: the newest valid)")
     e.add_argument("--out", help="directory to write (default: RUN_DIR/hf-step<K>)")
     e.set_defaults(func=cmd_export)
+
+
+VERBS = (
+    _config_verb,
+    _models_verb,
+    _train_verb,
+    _study_verb,
+    _fit_verb,
+    _plan_verb,
+    _report_verb,
+    _export_verb,
+)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rayrl", description=__doc__)
+    p.add_argument("--version", action="version", version=f"rayrl {_version()}")
+    sub = p.add_subparsers(dest="verb", required=True)
+    for verb in VERBS:
+        verb(sub)
     return p
 
 
@@ -384,7 +427,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # a failure, not bad input: its message, the trace on request
         if os.environ.get("RAYRL_DEBUG"):
             raise
-        print(f"rayrl: failed: {type(e).__name__}: {e} (RAYRL_DEBUG=1 shows where)", file=sys.stderr)
+        print(
+            f"rayrl: failed: {type(e).__name__}: {e} (RAYRL_DEBUG=1 shows where)", file=sys.stderr
+        )
         return 1
     return 0
 

@@ -40,7 +40,7 @@ class ModelSpec:
     family: str = "base"
     heads: int = 4
     kv_heads: int = 2
-    intermediate: int = 0  # 0 means 4 * hidden
+    intermediate: int = 0  # 0 means 4 * hidden (mlp_width)
     tie_embeddings: bool = False
     # A second pre-training stage of this many steps on \boxed{} answers only, after the base
     # stage: the tiny ladder's "instruct" family, which has unlearned the bare-answer habit.
@@ -48,6 +48,11 @@ class ModelSpec:
     # This model's pools over the top-level `resources` (any key but device), e.g.
     # {tensor_parallel: 2, learners: 8} for a 0.5B model in a grid sized for 72B.
     resources: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def mlp_width(self) -> int:
+        """The MLP's intermediate width: `intermediate`, or 4 * hidden when that is 0."""
+        return self.intermediate or 4 * self.hidden
 
 
 # Head sizes that vLLM's CPU attention backend supports (vllm/v1/attention/backends/cpu_attn.py).
@@ -432,7 +437,7 @@ def resolve_paths(cfg: Config, base: Path) -> None:
     for glob, ref in cfg.rewards.custom.items():
         if isinstance(ref, str) and is_file_ref(ref):  # path/to/file.py:function
             target, _, name = ref.rpartition(":")
-            target = resolve(target, f"rewards.custom[{glob!r}]")
+            target = resolve(target, f'rewards.custom["{glob}"]')
             cfg.rewards.custom[glob] = f"{(base / target).resolve()}:{name}"  # base / abs = abs
 
 
@@ -800,7 +805,7 @@ def validate(cfg: Config) -> None:
             why = problem(ref)
             need(
                 why is None,
-                f"rewards.custom[{glob!r}]",
+                f'rewards.custom["{glob}"]',
                 f"{FORMS} naming a function fn(response, ground_truth, row) -> float ({why})",
                 ref,
             )

@@ -1,8 +1,9 @@
 """A run's three actor pools (rollout, learners, rewards), cold or warm.
 
 A study's trials run in Tune actors that Tune reuses for the next trial with the same
-resources (`reuse_actors`). The pools a run started stay in that process (`release`), and
-the next run there takes them (`start_pools(..., warm=True)`): the learners rebuild their
+resources (`reuse_actors`). The pools a run started stay with the study in that process
+(`release` into its WarmPools), and the study's next run there takes them
+(`start_pools(..., warm=WarmPools.of(study))`): the learners rebuild their
 engines from the new run's base checkpoint with a fresh optimizer, on the same actors and
 process group; the rollout engines get those weights through the usual weight sync, and
 for another model rebuild in their own processes (RolloutWorker.reload); the reward workers
@@ -37,7 +38,27 @@ class Pools:
         self.learners.shutdown()
 
 
-_warm: Pools | None = None  # the last run's pools in this process, for the next one
+class WarmPools:
+    """A study's released pools in one process, for its next run there. One per study
+    (`of`), so two studies that share a process never hand each other pools."""
+
+    _of_study: dict[str, WarmPools] = {}
+
+    def __init__(self) -> None:
+        self.pools: Pools | None = None
+
+    @classmethod
+    def of(cls, study: str) -> WarmPools:
+        return cls._of_study.setdefault(study, cls())
+
+    def take(self) -> Pools | None:
+        pools, self.pools = self.pools, None
+        return pools
+
+    def shutdown(self) -> None:
+        """Stop the pools held, if any."""
+        if (pools := self.take()) is not None:
+            pools.shutdown()
 
 
 def pool_shapes(cfg: Config, model: str, family: str) -> dict[str, Any]:
@@ -69,15 +90,13 @@ def start_pools(
     rollout_n: int,
     seed: int,
     name: str,
-    warm: bool = False,
+    warm: WarmPools | None = None,
 ) -> Pools:
-    """The pools of a run of `model_dir`: with warm, the last released ones where their shape
-    matches; new ones, started together, where not."""
-    global _warm
+    """The pools of a run of `model_dir`: from `warm`, the last released ones where their
+    shape matches; new ones, started together, where not. A cold run (warm None) leaves every
+    study's warm pools alone."""
     shape = pool_shapes(cfg, model, family)
-    old = None
-    if warm:  # a cold run leaves the warm set alone
-        old, _warm = _warm, None
+    old = warm.take() if warm is not None else None
     if old is not None and not old.learners.alive():  # a dead rank: its group is gone too
         old.shutdown()
         old = None
@@ -110,10 +129,10 @@ def start_pools(
     return Pools(rollout, learners, rewards, shape)
 
 
-def release(pools: Pools, warm: bool) -> None:
-    """A finished run's pools: kept for the next run in this process (warm), else stopped."""
-    global _warm
-    if warm:
-        _warm = pools
+def release(pools: Pools, warm: WarmPools | None) -> None:
+    """A finished run's pools: kept in `warm` for the study's next run in this process, else
+    stopped."""
+    if warm is not None:
+        warm.pools = pools
     else:
         pools.shutdown()

@@ -53,6 +53,7 @@ def parse(key: str, spec: Any) -> tuple[str, list[Any]]:
     if not isinstance(args, list) or not args:
         raise SearchError(f"key '{key}': {kind} expected {SAMPLERS[kind]}, got {args!r}")
     if kind in ("uniform", "loguniform", "randint"):
+        args = [_yaml_float(a) for a in args]
         if len(args) != 2 or not all(_number(a) for a in args):
             raise SearchError(f"key '{key}': {kind} expected {SAMPLERS[kind]}, got {args!r}")
         lo, hi = (float(a) for a in args)
@@ -63,6 +64,14 @@ def parse(key: str, spec: Any) -> tuple[str, list[Any]]:
         if kind == "randint" and not all(float(a).is_integer() for a in args):
             raise SearchError(f"key '{key}': randint expected integer bounds, got {args!r}")
     return kind, args
+
+
+def _yaml_float(v: Any) -> Any:
+    """YAML reads 5e-05 (no dot) as a string; a bound means the number."""
+    try:
+        return float(v) if isinstance(v, str) else v
+    except ValueError:
+        return v
 
 
 def _number(v: Any) -> bool:

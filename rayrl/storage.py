@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -62,7 +63,10 @@ def writing(directory: str | Path, what: str = "") -> Iterator[None]:
         raise
     except Exception as e:
         if is_out_of_space(e):
-            raise OutOfSpace(Path(directory).resolve(), what) from e
+            # A wrapped OutOfSpace from deeper down (a trial's) names its own directory.
+            inner = re.search(r"(/\S+): out of space", str(e))
+            where = (inner.group(1), "") if inner else (Path(directory).resolve(), what)
+            raise OutOfSpace(*where) from e
         raise
 
 

@@ -37,7 +37,7 @@ from rayrl.metrics import (
     pass_at_column,
 )
 from rayrl.models.flops import forward_flops, train_flops
-from rayrl.pools import release, start_pools
+from rayrl.pools import WarmPools, release, start_pools
 from rayrl.rewards.custom import Rule, reward_rules, route
 from rayrl.rollout.sync import SyncStats
 from rayrl.storage import write_bytes_atomic
@@ -173,10 +173,10 @@ class Run:
         run_dir: Path,
         on_row: Callable[[dict[str, Any]], None] | None = None,
         on_step: Callable[[dict[str, Any]], None] | None = None,
-        warm: bool = False,
+        warm: WarmPools | None = None,
     ) -> None:
-        """warm: take the pools the last run in this process released, where they fit
-        (rayrl.pools), and release this run's for the next one."""
+        """warm: the study's pools in this process (rayrl.pools.WarmPools): take those its
+        last run released, where they fit, and release this run's there for the next."""
         from transformers import AutoTokenizer
 
         self.cfg, self.spec, self.dir, self.on_row = cfg, spec, run_dir, on_row
@@ -341,10 +341,12 @@ class Run:
             "staleness": staleness,
             # C: 6 N T per optimizer step over the tokens the learner processed (appendix C.1).
             "flops": train_flops(self.n_params, learn["tokens_processed"]),
-            # All-in adds rollout generation and the pi_old and reference passes, 2 N T each.
+            # All-in adds rollout generation and the pi_old and reference passes, 2 N T each
+            # (forward_tokens counts every pass the learner ran: none of pi_old at one update,
+            # none of the reference at kl_coef 0).
             "flops_all": train_flops(self.n_params, learn["tokens_processed"])
             + forward_flops(self.n_params, prompt_tokens + gen_tokens)
-            + 2 * forward_flops(self.n_params, learn["forward_tokens"]),
+            + forward_flops(self.n_params, learn["forward_tokens"]),
             "unique": {row["extra_info"]["index"] for row in r.rows},
             **{f"time_{k}": v for k, v in t.items()},
             **{k: learn[k] for k in LOGGED},  # rayrl/learner/stats.py
@@ -436,9 +438,8 @@ class Run:
             )
         bar.close()
         # The final policy as an HF directory (transformers, vLLM), from the last checkpoint.
-        final = self.dir / checkpoint.HF_EXPORT
-        if start < state["step"] or not final.exists():
-            checkpoint.export(checkpoint.folder(ckpt_dir, state["step"]), final)
+        trained = start < state["step"]
+        checkpoint.export_final(self.dir, state["step"], self.model_dir, trained)
         return self.dir
 
     def _record(
@@ -480,7 +481,7 @@ class Run:
 
     def shutdown(self, keep: bool = True) -> None:
         """Stop the pools, or with a warm run and keep, release them for the next run."""
-        release(self.pools, warm=self.warm and keep)
+        release(self.pools, warm=self.warm if keep else None)
 
 
 PENDING = "pending.pkl"  # in a checkpoint's folder: the overlapped loop's next rollout
@@ -521,7 +522,7 @@ def train(
     on_row: Callable[[dict[str, Any]], None] | None = None,
     progress: bool = True,
     on_step: Callable[[dict[str, Any]], None] | None = None,
-    warm: bool = False,
+    warm: WarmPools | None = None,
 ) -> Path:
     """Run one GRPO training run to the end of its data budget; returns the run directory.
     warm: pools from and for the other runs of this process (Run)."""

@@ -67,12 +67,12 @@ def test_a_bad_function_is_refused_naming_the_key(tmp_path: Path, ref, why: str,
     path = config(tmp_path, {"synthetic*": ref})
     with pytest.raises(ConfigError) as e:
         load_config(path)
-    assert str(path) in str(e.value) and "rewards.custom['synthetic*']" in str(e.value)
+    assert str(path) in str(e.value) and 'rewards.custom["synthetic*"]' in str(e.value)
     assert why in str(e.value)
     # the CLI: exit 2 with that message, before Ray starts
     assert cli.main(["train", str(path), "--model", "tiny-3"]) == 2
     err = capsys.readouterr().err
-    assert "rewards.custom['synthetic*']" in err and why in err and "Traceback" not in err
+    assert 'rewards.custom["synthetic*"]' in err and why in err and "Traceback" not in err
 
 
 def test_max_failure_share_is_checked(tmp_path: Path):
@@ -181,3 +181,34 @@ def test_pool_routes_custom_rows_and_stops_over_the_failure_share(ray_session, c
         assert pool.score(items)[0].score == 1.0
     finally:
         pool.shutdown()
+
+
+# --- a real run ---------------------------------------------------------------------------
+
+
+@pytest.mark.vllm
+def test_a_run_scored_by_a_user_function_matches_the_builtin_verifiers(ray_session, tmp_path):
+    """The same smoke run twice, on warm pools: scored by rayrl's synthetic verifier, then by
+    reward_user.boxed_exact (a file outside rayrl/), which scores as it does: the same rows."""
+    import rayrl.pools
+    from rayrl.metrics import read_metrics
+    from rayrl.trainer import train
+    from rayrl.trial import Trial
+
+    smoke = Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml"
+    custom = {"rewards.custom": {"synthetic*": f"{USER}:boxed_exact"}}
+    spec = Trial("smoke-1", "base", 4, 1, 0)
+    warm = rayrl.pools.WarmPools()
+    try:
+        for name, extra in (("builtin", {}), ("custom", custom)):
+            cfg = load_config(smoke, {"grpo.data_budget": 32, **extra})
+            train(cfg, spec, tmp_path / name, progress=False, warm=warm)
+    finally:
+        warm.shutdown()
+    builtin, mine = (read_metrics(tmp_path / n / "metrics.parquet") for n in ("builtin", "custom"))
+    assert builtin["step"].tolist() == [0, 2, 4]
+    for col in ("test_loss", "test_loss_se"):
+        assert mine[col].tolist() == builtin[col].tolist(), col
+    # scored by the function: it extracts nothing, so every custom-scored sample counts as
+    # answered, where the built-in verifier found no \boxed{} in some
+    assert mine["answer_rate"].tolist() == [1.0] * 3 and builtin["answer_rate"].min() < 1.0

@@ -6,8 +6,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from rayrl.study import fitter as fitter_module
 from rayrl.scaling.synthetic import make_metrics
+from rayrl.study import fitter as fitter_module
 from rayrl.study.fitter import (
     NAMESPACE,
     Fitter,

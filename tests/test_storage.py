@@ -108,6 +108,9 @@ def test_an_out_of_space_error_is_recognised_through_a_wrapper():
     assert not is_out_of_space(OSError(errno.EACCES, "Permission denied"))
     with pytest.raises(OutOfSpace, match=r"/ckpt: out of space"), writing("/ckpt", "step4"):
         raise Wrapped(f"RayTaskError(OSError): {inner}")
+    trial = RuntimeError(f"1 trial(s) failed: OutOfSpace: {OutOfSpace('/s/runs/r', 'x')}")
+    with pytest.raises(OutOfSpace, match=r"^/s/runs/r: out of space"), writing("/s"):
+        raise trial  # the study's error names the trial's directory, the deeper one
     with pytest.raises(PermissionError), writing("/ckpt"):
         raise PermissionError(errno.EACCES, "Permission denied")
     e = pickle.loads(pickle.dumps(OutOfSpace("/d", "x")))

@@ -17,7 +17,7 @@ from rayrl.study.fitter import start_fitter, stop_fitter
 from rayrl.study.resume import remaining_trials
 from rayrl.study.scheduler import ScalingLawScheduler
 from rayrl.study.trackers import mlflow_uri, tracker_callbacks, wandb_dir, wandb_mode
-from rayrl.study.tuner import make_tuner, trial_result
+from rayrl.study.tuner import Study, make_tuner, trial_result
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 4
@@ -27,7 +27,7 @@ def fake_trial(params, marker, fail_first):
     """Reports as rayrl.study.run_trial does: a step result per step, an eval row every 2."""
     t = params["trial"]
     run_id = f"{t['model']}-{t['family']}-n{t['rollout_n']}"
-    common = {"run_id": run_id, "total_steps": STEPS, "sweeps": ",".join(t.sweeps)}
+    common = {"run_id": run_id, "total_steps": STEPS, "sweeps": ",".join(t["sweeps"])}
     marker = Path(marker)
     if fail_first:  # every attempt of this run fails (Tune retries), so it can be resumed
         raise RuntimeError("the first run fails, so the study can be resumed")
@@ -54,17 +54,29 @@ def study_cfg(tmp_path, **overrides):
     )
 
 
-def run(cfg, study_dir, marker, fail_first=False, enabled=True):
-    fitter = start_fitter(study_dir)
-    try:
-        sched = ScalingLawScheduler(
-            fitter, enabled=enabled, log_path=str(study_dir / f"sched-{enabled}.jsonl")
-        )
-        trainable = tune.with_resources(
-            tune.with_parameters(fake_trial, marker=str(marker), fail_first=fail_first),
+class FakeStudy(Study):
+    """The study's Tuner, trackers and fitter, around fake_trial and a scheduler of its own."""
+
+    def __init__(self, cfg, study_dir, marker, fail_first, enabled):
+        super().__init__(cfg, study_dir)
+        self.marker, self.fail_first, self.enabled = marker, fail_first, enabled
+
+    def trainable(self):
+        return tune.with_resources(
+            tune.with_parameters(fake_trial, marker=str(self.marker), fail_first=self.fail_first),
             {"cpu": 0.1},
         )
-        return make_tuner(cfg, study_dir, trainable, sched, tracker_callbacks(cfg, study_dir)).fit()
+
+    def scheduler(self):
+        log = str(self.dir / f"sched-{self.enabled}.jsonl")
+        return ScalingLawScheduler(self.fitter, enabled=self.enabled, log_path=log)
+
+
+def run(cfg, study_dir, marker, fail_first=False, enabled=True):
+    study = FakeStudy(cfg, study_dir, marker, fail_first, enabled)
+    study.fitter = start_fitter(study_dir)
+    try:
+        return make_tuner(cfg, study).fit()
     finally:
         stop_fitter(study_dir)
 

@@ -174,23 +174,22 @@ def test_a_warm_run_writes_what_a_cold_one_writes(ray_session, tmp_path):
             "rewards": [a._actor_id for a in pools.rewards.actors],
         }
 
+    warm = rayrl.pools.WarmPools()
     try:
-        train(cfg, Trial("smoke-2", "base", 2, 1, 1), tmp_path / "other", progress=False, warm=True)
-        other = ids(rayrl.pools._warm)
-        train(cfg, spec, tmp_path / "warm", progress=False, warm=True)
-        warm = ids(rayrl.pools._warm)
-        train(cfg, spec, tmp_path / "warm-again", progress=False, warm=True)
-        again = ids(rayrl.pools._warm)
+        train(cfg, Trial("smoke-2", "base", 2, 1, 1), tmp_path / "other", progress=False, warm=warm)
+        other = ids(warm.pools)
+        train(cfg, spec, tmp_path / "warm", progress=False, warm=warm)
+        warm_ids = ids(warm.pools)
+        train(cfg, spec, tmp_path / "warm-again", progress=False, warm=warm)
+        again = ids(warm.pools)
     finally:
-        if rayrl.pools._warm is not None:
-            rayrl.pools.release(rayrl.pools._warm, warm=False)
-            rayrl.pools._warm = None
+        warm.shutdown()
     # Another model: new engines, built in place by the same actors.
     assert {e["built"] for e in other["engines"]} == {1}
-    assert {e["built"] for e in warm["engines"]} == {2}
-    assert {e["model"] for e in warm["engines"]} != {e["model"] for e in other["engines"]}
-    assert all(warm[k] == other[k] for k in ("rollout", "learners", "rewards"))
-    assert again == warm
+    assert {e["built"] for e in warm_ids["engines"]} == {2}
+    assert {e["model"] for e in warm_ids["engines"]} != {e["model"] for e in other["engines"]}
+    assert all(warm_ids[k] == other[k] for k in ("rollout", "learners", "rewards"))
+    assert again == warm_ids
     train(cfg, spec, tmp_path / "cold", progress=False)
     cold = read_metrics(tmp_path / "cold" / "metrics.parquet")
     assert cold["step"].tolist() == [0, 2, 4]
@@ -213,8 +212,9 @@ def test_overlapped_steps_learn_one_update_stale_and_resume_exactly(ray_session,
     )
     spec = Trial("smoke-1", "instruct", 8, 1, 0)  # groups of 8: few are flat
 
+    warm = rayrl.pools.WarmPools()
     try:
-        train(cfg, spec, tmp_path / "whole", progress=False, warm=True)
+        train(cfg, spec, tmp_path / "whole", progress=False, warm=warm)
         steps = step_stats(tmp_path / "whole")
         # Cut after a checkpoint whose step updated, so its pending rollout is really stale.
         cut = next(c for c in range(1, 6) if steps[c - 1]["loss"] != 0)
@@ -224,13 +224,11 @@ def test_overlapped_steps_learn_one_update_stale_and_resume_exactly(ray_session,
                 raise SystemExit("stopped")  # as Tune stops a trial: the pools stay warm
 
         with pytest.raises(SystemExit):
-            train(cfg, spec, tmp_path / "cut", on_row=stop, progress=False, warm=True)
+            train(cfg, spec, tmp_path / "cut", on_row=stop, progress=False, warm=warm)
         assert (tmp_path / "cut" / "checkpoints" / f"step{cut}" / "pending.pkl").exists()
-        train(cfg, spec, tmp_path / "cut", resume=True, progress=False, warm=True)
+        train(cfg, spec, tmp_path / "cut", resume=True, progress=False, warm=warm)
     finally:
-        if rayrl.pools._warm is not None:
-            rayrl.pools.release(rayrl.pools._warm, warm=False)
-            rayrl.pools._warm = None
+        warm.shutdown()
     whole = read_metrics(tmp_path / "whole" / "metrics.parquet")
     assert whole["step"].tolist() == list(range(7))
     pd.testing.assert_frame_equal(read_metrics(tmp_path / "cut" / "metrics.parquet"), whole)
@@ -257,12 +255,12 @@ def test_a_prompt_over_max_prompt_tokens_fails_before_any_actor_starts(tmp_path,
         Run(smoke(tmp_path, **{"grpo.max_prompt_tokens": 4}), Trial("smoke-1", "base", 4, 1, 0), tmp_path)
     assert started == []
     # the same run with room for its prompts gets as far as starting its pools
-    warm_set = object()  # another run's released pools: a cold run neither takes nor drops them
-    monkeypatch.setattr(rayrl.pools, "_warm", warm_set)
+    held = object()  # a study's released pools: a cold run neither takes nor drops them
+    rayrl.pools.WarmPools.of("a study").pools = held
     with pytest.raises(AttributeError):  # the stand-in pools cannot connect
         Run(smoke(tmp_path), Trial("smoke-1", "base", 4, 1, 0), tmp_path / "ok")
     assert started == ["RolloutPool", "LearnerGroup", "RewardPool"]
-    assert rayrl.pools._warm is warm_set
+    assert rayrl.pools.WarmPools.of("a study").take() is held
 
 
 class _Recorder:
@@ -308,13 +306,13 @@ def test_warm_pools_reload_connect_and_sync_only_where_the_engines_need_it(tmp_p
     for name in ("RolloutPool", "LearnerGroup", "RewardPool"):
         fake = type(name, (_Recorder,), {})
         monkeypatch.setattr(rayrl.pools, name, lambda *a, _f=fake, **k: _f(calls, *a, **k))
-    monkeypatch.setattr(rayrl.pools, "_warm", None)
+    warm = rayrl.pools.WarmPools()
     cfg, other_lr = smoke(tmp_path), smoke(tmp_path, **{"grpo.lr": 3e-4})
 
     def run(cfg, model_dir: str) -> list:
         calls.clear()
-        pools = rayrl.pools.start_pools(cfg, "smoke-1", "base", model_dir, 4, 0, "r", warm=True)
-        rayrl.pools.release(pools, warm=True)
+        pools = rayrl.pools.start_pools(cfg, "smoke-1", "base", model_dir, 4, 0, "r", warm=warm)
+        rayrl.pools.release(pools, warm=warm)
         return list(calls)
 
     assert ("sync",) not in run(cfg, "a")  # cold: the engines load model a
@@ -327,7 +325,7 @@ def test_warm_pools_reload_connect_and_sync_only_where_the_engines_need_it(tmp_p
         ("sync",),
     ]
     assert run(other_lr, "b") == [("reload", "b"), ("reset", "b"), ("connect",)]
-    rayrl.pools.release(rayrl.pools._warm, warm=False)
+    warm.shutdown()
 
 
 @pytest.mark.e2e

@@ -2,10 +2,24 @@
 GRPOTrainer (HF generate, in-process reward, one process), same model, batch, group
 size, lengths, learning rate and number of steps, on the synthetic task.
 
-    .venv/bin/python tools/bench_grpo.py [--models ladder,rand-25m] [--steps 3]
+    .venv/bin/python tools/bench_grpo.py [--models ladder,rand-25m,rand-150m] [--steps 3]
+        [--paper-models rand-25m]
 
 A model may carry its own step count, as in --models tiny-5:16,rand-25m: a 0.1 s step needs
 more of them than a 4 s one for a steady mean.
+
+Two regimes, one row each, both sides in one invocation (`updates_per_step`):
+- 1 update a step (every model): rayrl grpo.mini_batches 1 against TRL's defaults
+  (steps_per_generation = gradient_accumulation_steps = 1, num_iterations 1). Neither side
+  runs a pi_old forward: TRL takes the detached log-probs of its training forward, rayrl
+  likewise (learner/actor.py old_from_training_forward). Both run the reference forward
+  (KL 0.001) and one forward+backward.
+- 4 updates a step (--paper-models, the paper's 4 mini-batches): rayrl grpo.mini_batches 4
+  against TRL with steps_per_generation 4: one generation batch of prompts x group split
+  over 4 optimizer steps of a quarter each. Both sides then run a pi_old forward over the
+  whole batch before the first update (TRL: gradient_accumulation_steps % steps_per_generation
+  != 0), the reference forward and 4 forward+backwards; a TRL "step" here is the 4 optimizer
+  steps of one generation.
 
 --side overlap instead times rayrl's loop with grpo.async_steps 0 and 1 (each actor on one
 core, so the two phases can overlap) and sets the speed-up against its bound,
@@ -53,7 +67,9 @@ class DenseRewards:
         pass
 
 
-def config(model, out: Path, async_steps: int = 0, cpus: float = 2, steps: int = 6):
+def config(
+    model, out: Path, async_steps: int = 0, cpus: float = 2, steps: int = 6, updates: int = 1
+):
     from rayrl.config import load_config
 
     s = SETTINGS
@@ -65,9 +81,8 @@ def config(model, out: Path, async_steps: int = 0, cpus: float = 2, steps: int =
         "grpo.max_prompt_tokens": 32,
         "grpo.lr": s["lr"],
         "grpo.micro_batch": s["micro_batch"],
-        # One optimizer update per step, as TRL's (one generation batch, num_iterations 1);
-        # the paper's 4 mini-batches made rayrl's step four updates against TRL's one.
-        "grpo.mini_batches": 1,
+        # Optimizer updates per step, TRL's steps_per_generation (module docstring).
+        "grpo.mini_batches": updates,
         # The timed steps, the warm-up and one more: the last timed step still overlaps.
         "grpo.data_budget": s["prompts"] * (steps + 2),
         # One vLLM worker with both cores (bench_rollout's best), learner the same; one
@@ -83,7 +98,9 @@ def config(model, out: Path, async_steps: int = 0, cpus: float = 2, steps: int =
     return load_config(SMOKE, overrides)
 
 
-def rayrl_steps(model, steps: int, out: Path, async_steps: int = 0, cpus: float = 2) -> dict:
+def rayrl_steps(
+    model, steps: int, out: Path, async_steps: int = 0, cpus: float = 2, updates: int = 1
+) -> dict:
     import ray
 
     from rayrl.trainer import Run
@@ -92,7 +109,7 @@ def rayrl_steps(model, steps: int, out: Path, async_steps: int = 0, cpus: float 
     # 2 (vLLM) + 2 (learner) + 0.5 (reward) logical CPUs: the phases take turns on the
     # 2 cores, so the slots may add up to more than the machine.
     ray.init(num_cpus=5, include_dashboard=False, log_to_driver=False)
-    cfg = config(model, out, async_steps, cpus, steps)
+    cfg = config(model, out, async_steps, cpus, steps, updates)
     t0 = time.perf_counter()
     run = Run(cfg, Trial(model.name, "base", SETTINGS["group"], 1, 0), out / f"rayrl-{async_steps}")
     setup = time.perf_counter() - t0
@@ -110,12 +127,17 @@ def rayrl_steps(model, steps: int, out: Path, async_steps: int = 0, cpus: float 
         run.shutdown()
         ray.shutdown()
     timed = rows[1:]
-    split = {
-        k: sum(r[f"time_{k}"] for r in timed) / steps for k in ("gen", "reward", "learn", "sync")
-    }
+    # The learner's part by what it does (rayrl/learner/stats.py time_learn_*): pi_old / pi_ref
+    # forwards, forward+backward, optimizer; its Ray round trip and the rest are overhead.
+    parts = {"gen": "time_gen", "reward": "time_reward", "logprobs": "time_learn_logprobs"}
+    parts |= {"fwd_bwd": "time_learn_fwd_bwd", "optimizer": "time_learn_optimizer"}
+    parts["sync"] = "time_sync"
+    split = {k: sum(r[col] for r in timed) / steps for k, col in parts.items()}
     wall = sum(r["wall"] for r in timed) / steps
     split["overhead"] = wall - sum(split.values())
     return {
+        "learn_seconds": round(sum(r["time_learn"] for r in timed) / steps, 3),
+        "pad_frac": round(sum(r["pad_frac"] for r in timed) / steps, 3),
         "setup_seconds": round(setup, 2),
         "seconds_per_step": round(wall, 3),
         "split_seconds": {k: round(v, 3) for k, v in split.items()},
@@ -125,7 +147,7 @@ def rayrl_steps(model, steps: int, out: Path, async_steps: int = 0, cpus: float 
     }
 
 
-def trl_steps(model, steps: int, out: Path) -> dict:
+def trl_steps(model, steps: int, out: Path, updates: int = 1) -> dict:
     import torch
     from datasets import Dataset
     from transformers import AutoTokenizer, TrainerCallback
@@ -166,7 +188,9 @@ def trl_steps(model, steps: int, out: Path) -> dict:
 
     args = GRPOConfig(
         output_dir=str(out / "trl"),
-        per_device_train_batch_size=s["prompts"] * s["group"],
+        # one generation batch of prompts x group, split over `updates` optimizer steps
+        per_device_train_batch_size=s["prompts"] * s["group"] // updates,
+        steps_per_generation=updates,
         num_generations=s["group"],
         max_completion_length=s["max_new_tokens"],
         learning_rate=s["lr"],
@@ -177,7 +201,7 @@ def trl_steps(model, steps: int, out: Path) -> dict:
         top_p=1.0,
         loss_type="dapo",  # token-mean over the batch, as rayrl's loss_agg
         num_iterations=1,
-        max_steps=steps + 1,
+        max_steps=(steps + 1) * updates,
         max_grad_norm=1.0,
         weight_decay=0.01,
         lr_scheduler_type="constant",
@@ -203,7 +227,11 @@ def trl_steps(model, steps: int, out: Path) -> dict:
     )
     setup = time.perf_counter() - t0
     trainer.train()
-    timed = timer.seconds[1:]
+    # one generation's optimizer steps make one step of rayrl's
+    per_generation = [
+        sum(timer.seconds[i : i + updates]) for i in range(0, len(timer.seconds), updates)
+    ]
+    timed = per_generation[1:]
     return {
         "setup_seconds": round(setup, 2),
         "seconds_per_step": round(sum(timed) / len(timed), 3),
@@ -217,7 +245,7 @@ def overlap(model, steps: int, out: Path) -> dict:
     sync = rayrl_steps(model, steps, out, async_steps=0, cpus=1)
     overlapped = rayrl_steps(model, steps, out, async_steps=1, cpus=1)
     t = sync["split_seconds"]
-    gen, learn = t["gen"] + t["reward"], t["learn"] + t["sync"]
+    gen, learn = t["gen"] + t["reward"], sync["learn_seconds"] + t["sync"]
     speedup = sync["seconds_per_step"] / overlapped["seconds_per_step"]
     bound = (gen + learn) / max(gen, learn)
     return {
@@ -232,7 +260,10 @@ def overlap(model, steps: int, out: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     # "ladder" is the largest ladder model built; tiny-5 and the like name one
-    ap.add_argument("--models", default="ladder,rand-25m")
+    ap.add_argument("--models", default="ladder,rand-25m,rand-150m")
+    ap.add_argument(
+        "--paper-models", default="rand-25m", help="also timed at 4 updates a step (the paper's)"
+    )
     ap.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up step")
     ap.add_argument("--side", choices=["both", "rayrl", "trl", "overlap"], default="both")
     args = ap.parse_args()
@@ -245,25 +276,29 @@ def main() -> None:
             if key in RANDOM_MODELS
             else ladder_model(None if key == "ladder" else key)
         )
-        with tempfile.TemporaryDirectory() as tmp:
-            r = {"model": model.name, "matmul_params": model.matmul_params, **SETTINGS}
-            r["steps"] = steps
-            if args.side == "overlap":
-                print(f"[grpo] {model.name}: overlap", flush=True)
-                r["overlap"] = overlap(model, steps, Path(tmp))
-            if args.side in ("both", "rayrl"):
-                print(f"[grpo] {model.name}: rayrl", flush=True)
-                r["rayrl"] = rayrl_steps(model, steps, Path(tmp))
-            if args.side in ("both", "trl"):
-                print(f"[grpo] {model.name}: trl", flush=True)
-                r["trl"] = trl_steps(model, steps, Path(tmp))
-            if "rayrl" in r and "trl" in r:
-                r["ratio_trl_over_rayrl"] = round(
-                    r["trl"]["seconds_per_step"] / r["rayrl"]["seconds_per_step"], 3
-                )
-            r["machine"] = machine()
-            print(f"[grpo] {r}", flush=True)
-            results.append(r)
+        regimes = [1, 4] if key in args.paper_models.split(",") else [1]
+        if args.side == "overlap":
+            regimes = [1]
+        for updates in regimes:
+            with tempfile.TemporaryDirectory() as tmp:
+                r = {"model": model.name, "matmul_params": model.matmul_params, **SETTINGS}
+                r["steps"], r["updates_per_step"] = steps, updates
+                if args.side == "overlap":
+                    print(f"[grpo] {model.name}: overlap", flush=True)
+                    r["overlap"] = overlap(model, steps, Path(tmp))
+                if args.side in ("both", "rayrl"):
+                    print(f"[grpo] {model.name}: rayrl, {updates} update(s) a step", flush=True)
+                    r["rayrl"] = rayrl_steps(model, steps, Path(tmp), updates=updates)
+                if args.side in ("both", "trl"):
+                    print(f"[grpo] {model.name}: trl, {updates} update(s) a step", flush=True)
+                    r["trl"] = trl_steps(model, steps, Path(tmp), updates)
+                if "rayrl" in r and "trl" in r:
+                    r["ratio_trl_over_rayrl"] = round(
+                        r["trl"]["seconds_per_step"] / r["rayrl"]["seconds_per_step"], 3
+                    )
+                r["machine"] = machine()
+                print(f"[grpo] {r}", flush=True)
+                results.append(r)
     name = "overlap" if args.side == "overlap" else "grpo"
     print(write_json(name, {"settings": SETTINGS, "models": results}))
 

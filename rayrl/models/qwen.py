@@ -18,7 +18,7 @@ def qwen2_config(
     return Qwen2Config(
         vocab_size=len(tokenizer),
         hidden_size=spec.hidden,
-        intermediate_size=spec.intermediate or 4 * spec.hidden,
+        intermediate_size=spec.mlp_width,
         num_hidden_layers=spec.layers,
         num_attention_heads=spec.heads,
         num_key_value_heads=spec.kv_heads,

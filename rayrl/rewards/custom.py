@@ -209,7 +209,7 @@ def check_failures(items: Sequence[tuple], verdicts: Sequence[Verdict]) -> None:
         )
         indices = [i for i, _ in fails]
         summary = (
-            f"rewards.custom[{rule.glob!r}] ({rule.ref}): {len(fails)} of {calls[rule]} calls "
+            f'rewards.custom["{rule.glob}"] ({rule.ref}): {len(fails)} of {calls[rule]} calls '
             f"in this batch failed ({what}) and scored 0; rows {indices[:20]}"
             f"{' ...' if len(indices) > 20 else ''}"
         )

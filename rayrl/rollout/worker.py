@@ -53,7 +53,12 @@ def check_cpu_head_size(model_path: str) -> None:
 class RolloutWorker:
     """Owns a `vllm.LLM`; methods are called remotely by the RolloutPool."""
 
-    def __init__(
+    def __init__(self, model_path: str, **engine_args: Any) -> None:
+        """engine_args: _build's, which reload takes again for another model."""
+        self.engines_built = 0
+        self._build(model_path, **engine_args)
+
+    def _build(
         self,
         model_path: str,
         tensor_parallel: int = 1,
@@ -63,6 +68,7 @@ class RolloutWorker:
         seed: int = 0,
         enforce_eager: bool = True,
     ) -> None:
+        """Start a vLLM engine for `model_path` in this process."""
         from vllm import LLM  # only rollout actors import vLLM
         from vllm.platforms import current_platform
 
@@ -91,7 +97,7 @@ class RolloutWorker:
             worker_extension_cls=EXTENSION,
         )
         self.model_path = model_path
-        self.engines_built = getattr(self, "engines_built", 0) + 1
+        self.engines_built += 1
 
     def reload(self, **engine_args: Any) -> None:
         """Serve another model: a new engine (the constructor's arguments) in this process,
@@ -105,7 +111,7 @@ class RolloutWorker:
         del self.llm
         gc.collect()
         cleanup_dist_env_and_memory()  # the engine's world group, so the next one can form
-        self.__init__(**engine_args)
+        self._build(**engine_args)
 
     def ready(self) -> bool:
         return True

@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 from scipy.optimize import least_squares
+from scipy.stats import norm
 
 from rayrl.scaling.fit import FitError, centred, fit_main_law, run_sums
 from rayrl.scaling.laws import decomposition_loss, sigmoid_reward
@@ -83,9 +84,11 @@ def fit_decomposition(p: Points):
     return predict, {"E": E, "A": A, "alpha": alpha, **{k: v.tolist() for k, v in per_size.items()}}
 
 
-def fit_sigmoid(p: Points):
-    """R(C) = R0 + (A - R0) / (1 + (C_mid / C)^B) per size, on R = 1 - L. Returns (predict, params)."""
-    params = {}
+def fit_sigmoid(p: Points, level: float = 0.9):
+    """R(C) = R0 + (A - R0) / (1 + (C_mid / C)^B) per size, on R = 1 - L (ScaleRL's curve).
+    Returns (predict, params); params["ci"] holds each size's `level` intervals of A, B and
+    C_mid from the fit's curvature (J'J)^-1 s^2, NaN where it has no residual freedom."""
+    params, ses = {}, {}
     for N in np.unique(p.N):
         at = p.N == N
         x, R = p.x[at], 1 - p.L[at]
@@ -95,19 +98,37 @@ def fit_sigmoid(p: Points):
 
         lo, hi = np.r_[0.0, 0.0, x.max() - 10, 0.01], np.r_[1.0, 1.0, x.max() + 15, 10.0]
         starts = [np.r_[R.min(), min(1.0, R.max() + 0.2), x.max() + d, 0.5] for d in D_HALF_STARTS]
-        params[N] = _best(residuals, starts, lo, hi).x
+        fit = _best(residuals, starts, lo, hi)
+        params[N], ses[N] = fit.x, _standard_errors(fit, len(R))
 
     def predict(N, X):
         q = np.array([params[n] for n in np.atleast_1d(N)])
         return 1 - sigmoid_reward(X, q[:, 0], q[:, 1], np.exp(q[:, 2]), q[:, 3])
 
-    q = np.array(list(params.values()))
+    q, se = np.array(list(params.values())), np.array(list(ses.values()))
+    z = norm.ppf(0.5 + level / 2)
     return predict, {
         "R0": q[:, 0].tolist(),
         "A": q[:, 1].tolist(),
         "C_mid": np.exp(q[:, 2]).tolist(),
         "B": q[:, 3].tolist(),
+        "level": level,
+        "ci": {  # C_mid's interval is symmetric in log C_mid, where it was fitted
+            "A": np.c_[q[:, 1] - z * se[:, 1], q[:, 1] + z * se[:, 1]].tolist(),
+            "B": np.c_[q[:, 3] - z * se[:, 3], q[:, 3] + z * se[:, 3]].tolist(),
+            "C_mid": np.exp(np.c_[q[:, 2] - z * se[:, 2], q[:, 2] + z * se[:, 2]]).tolist(),
+        },
     }
+
+
+def _standard_errors(fit, n: int) -> np.ndarray:
+    """Asymptotic SEs of a least-squares fit: sqrt(diag((J'J)^-1) * RSS / (n - p))."""
+    J = fit.jac
+    dof = n - J.shape[1]
+    if dof <= 0:
+        return np.full(J.shape[1], np.nan)
+    cov = np.linalg.pinv(J.T @ J) * (2 * fit.cost / dof)
+    return np.sqrt(np.clip(np.diag(cov), 0, None))
 
 
 def fit_per_size(p: Points):

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 _PUBLIC = {
+    "Study": "rayrl.study.tuner",
     "run_study": "rayrl.study.tuner",
     "run_trial": "rayrl.study.tuner",
     "trial_resources": "rayrl.study.tuner",

@@ -18,7 +18,11 @@ from matplotlib.ticker import FormatStrFormatter  # noqa: E402
 
 from rayrl.config import load_config  # noqa: E402
 from rayrl.metrics import BENCHMARK, UNITS, families, read_metrics, x_column  # noqa: E402
+from rayrl.scaling.document import fit_command, plan_command  # noqa: E402
 from rayrl.scaling.fit import saturation  # noqa: E402
+from rayrl.scaling.planner import reuse_study  # noqa: E402
+from rayrl.scaling.table import law_rows  # noqa: E402
+from rayrl.study import variants  # noqa: E402
 from rayrl.study.scheduler import read_decisions  # noqa: E402
 
 REPORT_BOOT = 300  # bootstrap draws: intervals for a report, not a paper table
@@ -158,8 +162,6 @@ def _fit(
     """`rayrl fit` on the study's rows, whose law rows are those of the live fitter
     (table.law_rows at the study's group size); main=False skips the main law's bootstrap
     and figures (a fit for its protocol alone)."""
-    from rayrl.scaling.document import fit_command
-
     try:
         return fit_command(
             str(study_dir / "metrics.parquet"),
@@ -280,31 +282,10 @@ def _answers(first: pd.Series, last: pd.Series) -> str:
     )
 
 
-def write_report(study_dir: Path) -> Path:
-    """Write study_dir/report.md and its figures; returns the report's path."""
-    from rayrl.scaling.document import plan_command
-    from rayrl.scaling.table import law_rows
-
-    study_dir = Path(study_dir)
-    cfg = load_config(study_dir / "config.yaml")
-    df = read_metrics(study_dir / "metrics.parquet")
-    n = cfg.grpo.rollout_n
-    scaling, rule = law_rows(df, n)
-    fit_c = _fit(study_dir, n, "compute", "fit.json")
-    fit_d = _fit(study_dir, n, "data", "fit_data.json")
-    fit_i = _fit(study_dir, n, "compute", "fit_intra.json", "intra", main=False)
-    reuse_png = plot_reuse(df[df["rollout_n"] == cfg.grpo.rollout_n], study_dir / "reuse.png")
-    rollout_png = plot_rollout_n(df, study_dir / "rollout_n.png")
-    bench_png = plot_benchmarks(scaling, study_dir / "benchmarks.png")
-    sched = scheduler_summary(study_dir, df, x_column(cfg.study.x))
-
+def _runs(df: pd.DataFrame, sched: dict[str, Any]) -> list[str]:
+    """Each run's final loss, split into format and wrong answers."""
+    lines: list[str] = []
     final = final_rows(df)
-    lines = [f"# rayrl study report: {cfg.study.name}", ""]
-    lines += [
-        f"{df['run_id'].nunique()} runs, {len(df)} metric rows, "
-        f"{final['compute_flops'].sum():.3g} FLOPs of training compute (6·N·tokens).",
-        "",
-    ]
     lines += [
         "## Runs",
         "",
@@ -323,6 +304,14 @@ def write_report(study_dir: Path) -> Path:
             f"{r['seed']} | {r['step']} | {r['test_loss']:.3f} ± {r.get('test_loss_se', float('nan')):.3f} | "
             f"{_answers(first.loc[r['run_id']], r)} |"
         )
+    return lines
+
+
+def _laws(df: pd.DataFrame, study_dir: Path, n: int, fits: tuple[dict, dict, dict]) -> list[str]:
+    """The main law per family on both axes, its rows, checks and the variants compared."""
+    lines: list[str] = []
+    fit_c, fit_d, fit_i = fits
+    scaling, rule = law_rows(df, n)
     lines += ["", "## Scaling laws: log L = -k(N)·log X + E(N), k(N) = k_max / (1 + N0/N)", ""]
     left_out = ", ".join(f"{k}: {v} rows" for k, v in rule["excluded"].items()) or "none"
     lines += [
@@ -336,11 +325,16 @@ def write_report(study_dir: Path) -> Path:
         lines += [f"![{rel}]({rel})", ""]
     for name in families(scaling):
         lines += _family_section(name, fit_c, fit_d, fit_i)
-    lines += ["## Data reuse (fixed total data, unique subset D_total / tau)", ""]
-    reuse_rows = df[df["rollout_n"] == cfg.grpo.rollout_n]
-    if reuse_png and reuse_rows["reuse_factor"].nunique() > 1:
-        from rayrl.scaling.planner import reuse_study
+    lines += variants.section(scaling, fit_c, study_dir)
+    return lines
 
+
+def _reuse(df: pd.DataFrame, n: int, reuse_png: Path | None) -> list[str]:
+    """The eq. 9 study at the main group size."""
+    lines: list[str] = []
+    reuse_rows = df[df["rollout_n"] == n]
+    lines += ["## Data reuse (fixed total data, unique subset D_total / tau)", ""]
+    if reuse_png and reuse_rows["reuse_factor"].nunique() > 1:
         lines += [
             "![reuse](reuse.png)",
             "",
@@ -364,12 +358,13 @@ def write_report(study_dir: Path) -> Path:
         lines.append("")
     else:
         lines += ["No reuse sweep in this study.", ""]
-    lines += ["## Rollout n", ""]
-    lines += (
-        ["![rollout n](rollout_n.png)", ""]
-        if rollout_png
-        else ["No rollout-n sweep in this study.", ""]
-    )
+    return lines
+
+
+def _benchmarks(df: pd.DataFrame, bench_png: Path | None) -> list[str]:
+    """The evaluation suite's losses per run."""
+    lines: list[str] = []
+    final = final_rows(df)
     lines += ["## Evaluation suite", ""]
     if bench_png:
         lines += [
@@ -384,11 +379,18 @@ def write_report(study_dir: Path) -> Path:
         lines.append("")
     else:
         lines += ["No evaluation sets beyond the held-out one in this study.", ""]
+    return lines
+
+
+def _planner(df: pd.DataFrame, study_dir: Path, fit_c: dict, fit_d: dict) -> list[str]:
+    """The planner's answers at the study's largest compute, ten times it, and its data."""
+    lines: list[str] = []
+    final = final_rows(df)
     lines += ["## Planner", ""]
     if any(fam["laws"] for fam in fit_c["families"].values()):
         top = float(final["compute_flops"].max())
         top_d = float(final["data_samples"].max())
-        for budget in (top, 10 * top):
+        for budget in (top, variants.PLAN_FACTOR * top):
             lines += [
                 "```",
                 plan_command(str(study_dir / "fit.json"), compute_budget=budget)[0],
@@ -404,8 +406,14 @@ def write_report(study_dir: Path) -> Path:
             ]
     else:
         lines += ["No law to plan with (see the fit status above).", ""]
+    return lines
+
+
+def _scheduler(sched: dict[str, Any], x: str) -> list[str]:
+    """What the law scheduler stopped, and what it saved."""
+    lines: list[str] = []
     lines += ["## Scheduler", ""]
-    unit = UNITS[cfg.study.x]
+    unit = UNITS[x]
     lines += [
         f"{sched['decisions']} decisions logged in scheduler.jsonl; {len(sched['stopped'])} trials stopped, "
         f"saving {sched['saved']:.3g} {unit} ({sched['saved_fraction']:.1%} of what the study "
@@ -417,6 +425,41 @@ def write_report(study_dir: Path) -> Path:
         lines.append(
             f"- {run_id} at step {d['step']}: {d['reason']} (observed {d['observed']:.3f})"
         )
+    return lines
+
+
+def write_report(study_dir: Path) -> Path:
+    """Write study_dir/report.md and its figures; returns the report's path."""
+    study_dir = Path(study_dir)
+    cfg = load_config(study_dir / "config.yaml")
+    df = read_metrics(study_dir / "metrics.parquet")
+    n = cfg.grpo.rollout_n
+    fits = (
+        _fit(study_dir, n, "compute", "fit.json"),
+        _fit(study_dir, n, "data", "fit_data.json"),
+        _fit(study_dir, n, "compute", "fit_intra.json", "intra", main=False),
+    )
+    reuse_png = plot_reuse(df[df["rollout_n"] == n], study_dir / "reuse.png")
+    rollout_png = plot_rollout_n(df, study_dir / "rollout_n.png")
+    bench_png = plot_benchmarks(law_rows(df, n)[0], study_dir / "benchmarks.png")
+    sched = scheduler_summary(study_dir, df, x_column(cfg.study.x))
+    final = final_rows(df)
+    lines = [
+        f"# rayrl study report: {cfg.study.name}",
+        "",
+        f"{df['run_id'].nunique()} runs, {len(df)} metric rows, "
+        f"{final['compute_flops'].sum():.3g} FLOPs of training compute (6·N·tokens).",
+        "",
+    ]
+    lines += _runs(df, sched) + _laws(df, study_dir, n, fits) + _reuse(df, n, reuse_png)
+    lines += ["## Rollout n", ""]
+    lines += (
+        ["![rollout n](rollout_n.png)", ""]
+        if rollout_png
+        else ["No rollout-n sweep in this study.", ""]
+    )
+    lines += _benchmarks(df, bench_png) + _planner(df, study_dir, fits[0], fits[1])
+    lines += _scheduler(sched, cfg.study.x)
     report = study_dir / "report.md"
     report.write_text("\n".join(lines) + "\n")
     return report

@@ -134,7 +134,6 @@ class ScalingLawScheduler(FIFOScheduler):
         self.x_col = x_column(x)
         self.ends: dict[str, float] = {}  # run_id -> projected final x
         self.sweeps: dict[str, set[str]] = {}  # run_id -> the sweeps it belongs to
-        self.stopped: set[str] = set()
         self.forecasts: dict[str, Forecast] = {}  # run_id -> the freshest forecast held
         self._pending: ray.ObjectRef | None = None
 
@@ -203,7 +202,6 @@ class ScalingLawScheduler(FIFOScheduler):
             with open(self.log_path, "a") as f:
                 f.write(json.dumps({"time": time.time(), **asdict(d)}) + "\n")
         if d.action == "stop":
-            self.stopped.add(run_id)
             log.info("scheduler stops %s at step %d: %s", run_id, step, d.reason)
             return TrialScheduler.STOP
         return TrialScheduler.CONTINUE

@@ -33,6 +33,7 @@ from rayrl.metrics import (
     read_metrics,
     x_column,
 )
+from rayrl.pools import WarmPools
 from rayrl.study.resume import check_resume, remaining_trials
 from rayrl.trainer import train
 from rayrl.trial import COLUMNS, Trial
@@ -76,7 +77,7 @@ def run_trial(params: dict[str, Any], cfg: Config, study_dir: str) -> None:
     predicted final loss."""
     from rayrl.study.fitter import get_fitter, send_row
 
-    spec = Trial.from_params(params["trial"])
+    spec = trial_of(params, cfg)
     cfg = cfg.with_overrides(dict(spec.overrides))  # the variant's config
     fitter = get_fitter(study_dir)
     total_steps = cfg.grpo.steps
@@ -102,7 +103,8 @@ def run_trial(params: dict[str, Any], cfg: Config, study_dir: str) -> None:
         on_row=on_row,
         on_step=on_step,
         progress=False,
-        warm=True,  # the pools of this Tune actor's last trial, which Tune reuses
+        # The pools of this study's last trial in this Tune actor, which Tune reuses.
+        warm=WarmPools.of(study_dir),
     )
 
 
@@ -119,14 +121,7 @@ def collect_metrics(study_dir: Path) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
 
 
-def make_tuner(
-    cfg: Config,
-    study_dir: Path,
-    trainable: Any,
-    scheduler: ScalingLawScheduler,
-    callbacks: list[tune.Callback],
-    trials: list[Trial] | None = None,
-) -> tune.Tuner:
+def make_tuner(cfg: Config, study: Study, trials: list[Trial] | None = None) -> tune.Tuner:
     """A Tuner over `trials` (by default all the study's) with today's scheduler,
     concurrency limit, trackers and reporter.
 
@@ -145,91 +140,168 @@ def make_tuner(
         max_report_frequency=30,
     )
     return tune.Tuner(
-        trainable,
+        study.trainable(),
         param_space={
             "trial": tune.grid_search(
                 [t.to_params() for t in (cfg.trials() if trials is None else trials)]
             )
         },
         tune_config=tune.TuneConfig(
-            scheduler=scheduler,
+            scheduler=study.scheduler(),
             search_alg=BasicVariantGenerator(max_concurrent=cfg.study.max_concurrent),
             # A trial whose resources match a finished one's runs in its actor, on its warm
             # pools (rayrl.pools).
             reuse_actors=True,
         ),
-        run_config=tune.RunConfig(
-            name=cfg.study.name,
-            storage_path=str(study_dir / "tune"),
-            progress_reporter=reporter,
-            callbacks=callbacks,
-            failure_config=tune.FailureConfig(max_failures=2),
-            verbose=1,
-        ),
+        run_config=study.run_config(progress_reporter=reporter),
     )
 
 
-def run_study(cfg: Config, out_dir: str | None = None) -> Path:
-    """Run (or resume) the study and write metrics.parquet, fit.json and the report.
+class Study:
+    """A study directory with its config, fitter, scheduler and trackers: what `rayrl study`
+    runs, and what a Ray Tune user wraps a Tuner of their own in.
 
-    The study's fitter starts with it (fresh on resume, reloading its rows) and is stopped
-    when it ends, whatever the outcome."""
-    from rayrl.models.external import check_models
-    from rayrl.study.fitter import start_fitter, stop_fitter
-    from rayrl.study.report import write_report
-    from rayrl.study.scheduler import DECISIONS, ScalingLawScheduler
-    from rayrl.study.trackers import tracker_callbacks
+        with Study("configs/smoke.yaml", out_dir="runs/api") as study:
+            tune.Tuner(study.trainable(), param_space={"model": tune.grid_search([...]),
+                       "grpo.lr": tune.loguniform(1e-5, 1e-4)},
+                       tune_config=tune.TuneConfig(scheduler=study.scheduler()),
+                       run_config=study.run_config()).fit()
 
-    study_dir = Path(out_dir or cfg.output_dir).resolve()
-    study_dir.mkdir(parents=True, exist_ok=True)
-    # External models must be usable where the study runs, before any trial starts.
-    check_models(cfg, sorted({(t.model, t.family) for t in cfg.trials()}))
-    check_resume(cfg, study_dir)  # `rayrl study` asked first, before Ray started
-    dump_config(cfg, study_dir / "config.yaml")
-    fitter = start_fitter(study_dir, x=cfg.study.x, rollout_n=cfg.grpo.rollout_n)
-    try:
-        catch_up(fitter, collect_metrics(study_dir))
-        trainable = tune.with_resources(
-            tune.with_parameters(run_trial, cfg=cfg, study_dir=str(study_dir)),
-            lambda params: trial_resources(
-                cfg.with_overrides(params["trial"]["overrides"]),
-                params["trial"]["model"],
-                params["trial"]["family"],
-            ),
-        )
-        sched = ScalingLawScheduler(
-            fitter,
-            grace_fraction=cfg.study.scheduler_grace_fraction,
-            enabled=cfg.study.scheduler,
-            x=cfg.study.x,
-            log_path=str(study_dir / DECISIONS),
-        )
+    A trial's params are a study trial ({"trial": Trial.to_params()}) or dotted config keys
+    beside the trial's own fields (model, family, rollout_n, reuse_factor, seed); the keys
+    make the run's variant. Entering starts the fitter (fresh, reloading the study's rows);
+    leaving collects metrics.parquet, brings the fitter's fit.json up to date, stops it and
+    writes the report, whatever the outcome.
+    """
+
+    def __init__(
+        self,
+        config: Config | str | Path,
+        out_dir: str | Path | None = None,
+        overrides: dict[str, Any] | None = None,
+    ) -> None:
+        from rayrl.config import load_config
+
+        self.cfg = config if isinstance(config, Config) else load_config(config, overrides)
+        self.dir = Path(out_dir or self.cfg.output_dir).resolve()
+        self.fitter: Any = None
+
+    def __enter__(self) -> Study:
+        from rayrl.models.external import check_models
+        from rayrl.study.fitter import start_fitter
+
+        cfg = self.cfg
+        self.dir.mkdir(parents=True, exist_ok=True)
+        # External models must be usable where the study runs, before any trial starts.
+        check_models(cfg, sorted({(t.model, t.family) for t in cfg.trials()}))
+        check_resume(cfg, self.dir)  # `rayrl study` asked first, before Ray started
+        dump_config(cfg, self.dir / "config.yaml")
+        self.fitter = start_fitter(self.dir, x=cfg.study.x, rollout_n=cfg.grpo.rollout_n)
+        catch_up(self.fitter, collect_metrics(self.dir))
         # The classic table reporter: the new output engine ignores our live-table columns.
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
         # Only the loggers tracker_callbacks lists: a tracker left out of study.trackers is off.
         os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
-        trials, errors = remaining_trials(cfg, study_dir), []
+        return self
+
+    def trainable(self) -> Any:
+        """run_trial bound to this study, each trial in its own placement group."""
+        cfg = self.cfg
+
+        def resources(params: dict[str, Any]) -> tune.PlacementGroupFactory:
+            t = trial_of(params, cfg)
+            return trial_resources(cfg.with_overrides(dict(t.overrides)), t.model, t.family)
+
+        return tune.with_resources(
+            tune.with_parameters(run_trial, cfg=cfg, study_dir=str(self.dir)), resources
+        )
+
+    def scheduler(self) -> ScalingLawScheduler:
+        """The law scheduler, judging from this study's fitter (study.scheduler false: none
+        is stopped, every decision still logged)."""
+        from rayrl.study.scheduler import DECISIONS, ScalingLawScheduler
+
+        cfg = self.cfg
+        return ScalingLawScheduler(
+            self.fitter,
+            grace_fraction=cfg.study.scheduler_grace_fraction,
+            enabled=cfg.study.scheduler,
+            x=cfg.study.x,
+            log_path=str(self.dir / DECISIONS),
+        )
+
+    def run_config(self, **kwargs: Any) -> tune.RunConfig:
+        """Tune's run config for this study: its storage, its trackers, retries after a
+        fault; keyword arguments override any of them."""
+        from rayrl.study.trackers import tracker_callbacks
+
+        return tune.RunConfig(
+            **{
+                "name": self.cfg.study.name,
+                "storage_path": str(self.dir / "tune"),
+                "callbacks": tracker_callbacks(self.cfg, self.dir),
+                "failure_config": tune.FailureConfig(max_failures=2),
+                "verbose": 1,
+                **kwargs,
+            }
+        )
+
+    def __exit__(self, *exc: Any) -> None:
+        from rayrl.study.fitter import stop_fitter
+        from rayrl.study.report import write_report
+
+        try:
+            metrics = collect_metrics(self.dir)
+            if metrics.empty:
+                if exc[0] is None:
+                    raise RuntimeError(f"{self.dir}: no trial recorded a metric row")
+                return
+            metrics.to_parquet(self.dir / "metrics.parquet", index=False)
+            catch_up(self.fitter, metrics)
+            # The live fit.json's last state: the law the report states, on the same rows.
+            ray.get(self.fitter.refit.remote(), timeout=FITTER_TIMEOUT_S)
+        finally:
+            stop_fitter(self.dir)
+        write_report(self.dir)
+
+    @property
+    def report(self) -> Path:
+        return self.dir / "report.md"
+
+
+def trial_of(params: dict[str, Any], cfg: Config) -> Trial:
+    """The trial of a Tune trial's params: a study's ({"trial": ...}), or a user's param
+    space of dotted config keys beside Trial fields (the rest default to the config's)."""
+    if "trial" in params:
+        return Trial.from_params(params["trial"])
+    fields = {"model", "family", "rollout_n", "reuse_factor", "seed"}
+    overrides = {k: v for k, v in params.items() if k not in fields}
+    g = cfg.with_overrides(overrides).grpo
+    return Trial(
+        model=params.get("model") or cfg.study.models[0],
+        family=params.get("family", cfg.study.family[0]),
+        rollout_n=params.get("rollout_n", g.rollout_n),
+        reuse_factor=params.get("reuse_factor", g.reuse_factor),
+        seed=params.get("seed", g.seed),
+        overrides=tuple(sorted(overrides.items())),
+    )
+
+
+def run_study(cfg: Config, out_dir: str | None = None) -> Path:
+    """Run (or resume) the study over its trials that remain, and write metrics.parquet,
+    fit.json and the report."""
+    errors: list[Exception] = []
+    with Study(cfg, out_dir) as study:
+        trials = remaining_trials(cfg, study.dir)
         print(f"{cfg.study.name}: {len(trials)} of {len(cfg.trials())} trials to run", flush=True)
         if trials:
-            callbacks = tracker_callbacks(cfg, study_dir)
-            errors = make_tuner(cfg, study_dir, trainable, sched, callbacks, trials).fit().errors
-        metrics = collect_metrics(study_dir)
-        if metrics.empty:
-            raise RuntimeError(
-                f"{study_dir}: no trial recorded a metric row; trial errors: {trial_errors(errors)}"
-            )
-        metrics.to_parquet(study_dir / "metrics.parquet", index=False)
-        catch_up(fitter, metrics)
-        # The live fit.json's last state: the law the report states, on the same rows.
-        ray.get(fitter.refit.remote(), timeout=FITTER_TIMEOUT_S)
-    finally:
-        stop_fitter(study_dir)
-    write_report(study_dir)
+            tuner = make_tuner(cfg, study, trials)
+            errors = tuner.fit().errors
     if errors:
         raise RuntimeError(
             f"{len(errors)} trial(s) failed (report written with the rest): {trial_errors(errors)}"
         )
-    return study_dir
+    return study.dir
 
 
 def trial_errors(errors: list[Exception]) -> list[str]:
