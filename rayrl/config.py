@@ -568,15 +568,19 @@ def check_search(cfg: Config) -> None:
             )
 
 
-def validate(cfg: Config) -> None:
-    """Check values that are well-typed but impossible."""
-    where = cfg.source or "<config>"
+class _Need:
+    """need(ok, key, expected, got): raise the config's error for a key that fails a check."""
 
-    def need(ok: bool, key: str, expected: str, got: Any) -> None:
+    def __init__(self, where: str) -> None:
+        self.where = where
+
+    def __call__(self, ok: bool, key: str, expected: str, got: Any) -> None:
         if not ok:
-            raise ConfigError(f"{where}: key '{key}' expected {expected}, got {got!r}")
+            raise ConfigError(f"{self.where}: key '{key}' expected {expected}, got {got!r}")
 
-    g = cfg.grpo
+
+def _check_grpo(g: GRPOConfig, need: _Need) -> None:
+    """GRPO's values: ranges, and how the budget, batch and reuse factor divide."""
     need(g.rollout_n >= 2, "grpo.rollout_n", "at least 2 (GRPO needs a group)", g.rollout_n)
     need(0 <= g.clip_low < 1, "grpo.clip_low", "a value in [0, 1)", g.clip_low)
     need(g.clip_high >= 0, "grpo.clip_high", "a non-negative value", g.clip_high)
@@ -654,37 +658,28 @@ def validate(cfg: Config) -> None:
         f"a divisor of grpo.data_budget={g.data_budget}",
         g.reuse_factor,
     )
-    check_search(cfg)
-    trials = cfg.trials()
-    grids = [cfg.study, *cfg.study.sweeps]
-    for tau in sorted({tau for grid in grids for tau in grid.reuse_factor}):
-        need(
-            tau >= 1 and g.data_budget % tau == 0,
-            "study.reuse_factor",
-            f"divisors of grpo.data_budget={g.data_budget}",
-            tau,
-        )
-    for n in sorted({n for grid in grids for n in grid.rollout_n}):
-        need(n >= 2, "study.rollout_n", "group sizes of at least 2", n)
 
-    def check_resources(r: ResourcesConfig, prefix: str) -> None:
-        for name in ("rollout_workers", "tensor_parallel", "learners", "reward_workers"):
-            need(getattr(r, name) >= 1, f"{prefix}.{name}", "an integer >= 1", getattr(r, name))
-        need(r.zero_stage in (0, 1, 2, 3), f"{prefix}.zero_stage", "0, 1, 2 or 3", r.zero_stage)
-        need(
-            r.cpus_per_actor > 0, f"{prefix}.cpus_per_actor", "a positive number", r.cpus_per_actor
-        )
-        need(
-            r.vllm_kv_cache_gib > 0,
-            f"{prefix}.vllm_kv_cache_gib",
-            "a positive size",
-            r.vllm_kv_cache_gib,
-        )
-        need(r.gpu_memory_gib > 0, f"{prefix}.gpu_memory_gib", "a positive size", r.gpu_memory_gib)
-        if r.device == "cpu":
-            need(r.tensor_parallel == 1, f"{prefix}.tensor_parallel", "1 on cpu", r.tensor_parallel)
 
-    check_resources(cfg.resources, "resources")
+def _check_resources(r: ResourcesConfig, prefix: str, need: _Need) -> None:
+    """One set of pools: the study-wide one or a model's."""
+    for name in ("rollout_workers", "tensor_parallel", "learners", "reward_workers"):
+        need(getattr(r, name) >= 1, f"{prefix}.{name}", "an integer >= 1", getattr(r, name))
+    need(r.zero_stage in (0, 1, 2, 3), f"{prefix}.zero_stage", "0, 1, 2 or 3", r.zero_stage)
+    need(r.cpus_per_actor > 0, f"{prefix}.cpus_per_actor", "a positive number", r.cpus_per_actor)
+    need(
+        r.vllm_kv_cache_gib > 0,
+        f"{prefix}.vllm_kv_cache_gib",
+        "a positive size",
+        r.vllm_kv_cache_gib,
+    )
+    need(r.gpu_memory_gib > 0, f"{prefix}.gpu_memory_gib", "a positive size", r.gpu_memory_gib)
+    if r.device == "cpu":
+        need(r.tensor_parallel == 1, f"{prefix}.tensor_parallel", "1 on cpu", r.tensor_parallel)
+
+
+def _check_pools(cfg: Config, need: _Need) -> None:
+    """The study-wide pools and each model's own overrides of them."""
+    _check_resources(cfg.resources, "resources", need)
     hints = typing.get_type_hints(ResourcesConfig)
     for i, m in enumerate(cfg.ladder.models):
         prefix = f"ladder.models[{i}].resources"
@@ -695,10 +690,12 @@ def validate(cfg: Config) -> None:
                 f"one of {[k for k in hints if k != 'device']} (device is study-wide)",
                 name,
             )
-            m.resources[name] = _coerce(hints[name], value, where, f"{prefix}.{name}")
-        check_resources(cfg.resources_for(m.name, m.family), prefix)
+            m.resources[name] = _coerce(hints[name], value, need.where, f"{prefix}.{name}")
+        _check_resources(cfg.resources_for(m.name, m.family), prefix, need)
 
-    d = cfg.data
+
+def _check_data(d: DataConfig, need: _Need) -> None:
+    """Where prompts come from, and how many."""
     need(d.test_size > 0, "data.test_size", "a positive integer", d.test_size)
     need(d.train_size > 0, "data.train_size", "a positive integer", d.train_size)
     need(d.eval_size > 0, "data.eval_size", "a positive integer", d.eval_size)
@@ -707,6 +704,9 @@ def validate(cfg: Config) -> None:
         need(bool(d.train_path), "data.train_path", "a parquet path or dataset name", d.train_path)
         need(bool(d.test_path), "data.test_path", "a parquet path or dataset name", d.test_path)
 
+
+def _check_ladder(cfg: Config, need: _Need) -> None:
+    """The ladder's models (shapes vLLM CPU can serve) and their pre-training."""
     names = [(m.name, m.family) for m in cfg.ladder.models]
     need(len(names) == len(set(names)), "ladder.models", "unique (name, family) pairs", names)
     for i, m in enumerate(cfg.ladder.models):
@@ -773,25 +773,10 @@ def validate(cfg: Config) -> None:
                     f"hidden/heads in {list(CPU_HEAD_DIMS)} (vLLM CPU attention)",
                     m.heads,
                 )
-    for t in trials:
-        need(
-            (t.model, t.family) in names,
-            "study.models",
-            f"names of ladder.models entries with family {t.family!r} "
-            f"(known: {', '.join(f'{n} ({f})' for n, f in names)})",
-            t.model,
-        )
-    need(
-        len(set(cfg.study.trackers)) == len(cfg.study.trackers),
-        "study.trackers",
-        "each tracker once",
-        cfg.study.trackers,
-    )
-    sweep_names = [sw.name for sw in cfg.study.sweeps]
-    need(
-        len(sweep_names) == len(set(sweep_names)), "study.sweeps", "unique sweep names", sweep_names
-    )
-    rw = cfg.rewards
+
+
+def _check_rewards(rw: RewardsConfig, need: _Need) -> None:
+    """The reward functions of the user's own, imported now so a typo fails early."""
     need(
         0 <= rw.max_failure_share <= 1,
         "rewards.max_failure_share",
@@ -810,6 +795,42 @@ def validate(cfg: Config) -> None:
                 ref,
             )
 
+
+def _check_study(cfg: Config, need: _Need) -> None:
+    """The study's axes, sweeps, trackers and scheduling."""
+    g = cfg.grpo
+    check_search(cfg)
+    trials = cfg.trials()
+    names = [(m.name, m.family) for m in cfg.ladder.models]
+    grids = [cfg.study, *cfg.study.sweeps]
+    for tau in sorted({tau for grid in grids for tau in grid.reuse_factor}):
+        need(
+            tau >= 1 and g.data_budget % tau == 0,
+            "study.reuse_factor",
+            f"divisors of grpo.data_budget={g.data_budget}",
+            tau,
+        )
+    for n in sorted({n for grid in grids for n in grid.rollout_n}):
+        need(n >= 2, "study.rollout_n", "group sizes of at least 2", n)
+
+    for t in trials:
+        need(
+            (t.model, t.family) in names,
+            "study.models",
+            f"names of ladder.models entries with family {t.family!r} "
+            f"(known: {', '.join(f'{n} ({f})' for n, f in names)})",
+            t.model,
+        )
+    need(
+        len(set(cfg.study.trackers)) == len(cfg.study.trackers),
+        "study.trackers",
+        "each tracker once",
+        cfg.study.trackers,
+    )
+    sweep_names = [sw.name for sw in cfg.study.sweeps]
+    need(
+        len(sweep_names) == len(set(sweep_names)), "study.sweeps", "unique sweep names", sweep_names
+    )
     need(
         cfg.study.max_concurrent >= 1,
         "study.max_concurrent",
@@ -822,3 +843,14 @@ def validate(cfg: Config) -> None:
         "a value in (0, 1)",
         cfg.study.scheduler_grace_fraction,
     )
+
+
+def validate(cfg: Config) -> None:
+    """Check values that are well-typed but impossible, section by section."""
+    need = _Need(cfg.source or "<config>")
+    _check_grpo(cfg.grpo, need)
+    _check_pools(cfg, need)
+    _check_data(cfg.data, need)
+    _check_ladder(cfg, need)
+    _check_rewards(cfg.rewards, need)
+    _check_study(cfg, need)

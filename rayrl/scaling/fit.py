@@ -357,6 +357,46 @@ def _bootstrap(
     }
 
 
+def _at_bounds(sol: Solution) -> list[str]:
+    """A warning for each parameter that sits on its search bound."""
+    out = []
+    for name, i, side in (("k_max", 0, "upper"), ("N0", 1, "upper"), ("N0", 1, "lower")):
+        edge = sol.hi[i] if side == "upper" else sol.lo[i]
+        if abs(np.log10([sol.k_max, sol.N0][i]) - edge) < AT_BOUND:
+            out.append(f"{name} at its {side} search bound: the sizes do not pin k(N)'s saturation")
+    return out
+
+
+def _run_spread(
+    p: Points,
+    run_of_point: np.ndarray,
+    S_run: np.ndarray,
+    N_run: np.ndarray,
+    size_of_run: np.ndarray,
+    sol: Solution,
+) -> tuple[float, float, np.ndarray, list[float]]:
+    """How the runs' own slopes scatter: the AR(1) inflation of their residual variance, the
+    between-run spread tau^2 of k around k(N), each run's slope variance, and each size's
+    SE of k_hat from its runs (NaN for a size of one run)."""
+    _, xbar_r, ybar_r, Sxx_r, Sxy_r, Syy_r = centred(S_run)
+    k_run = -Sxy_r / Sxx_r
+    # Each run's slope variance from its own residuals; what the run slopes scatter around
+    # k(N) beyond that is the between-run spread tau (method of moments).
+    v_run = (Syy_r - Sxy_r**2 / Sxx_r) / np.maximum(np.bincount(run_of_point) - 2, 1) / Sxx_r
+    r_run = p.y - ybar_r[run_of_point] + k_run[run_of_point] * (p.x - xbar_r[run_of_point])
+    order = np.lexsort((p.step, run_of_point))
+    infl = ar1_inflation(np.split(r_run[order], np.flatnonzero(np.diff(run_of_point[order])) + 1))
+    v_run *= infl
+    tau2 = max(0.0, float(np.mean((k_run - k_of_N(N_run, sol.k_max, sol.N0)) ** 2 - v_run)))
+    k_hat_se = [
+        float(np.std(k_run[size_of_run == m], ddof=1) / np.sqrt((size_of_run == m).sum()))
+        if (size_of_run == m).sum() > 1
+        else float("nan")
+        for m in range(int(size_of_run.max()) + 1)
+    ]
+    return infl, tau2, v_run, k_hat_se
+
+
 def fit_main_law(
     p: Points,
     E_form: str = "free",
@@ -388,13 +428,7 @@ def fit_main_law(
     sol = _solve_counts(
         p, run_of_point, sizes, size_of_run, S_run, np.ones(len(runs)), E_form, loss, offset
     )
-    for name, i, side in (("k_max", 0, "upper"), ("N0", 1, "upper"), ("N0", 1, "lower")):
-        edge = sol.hi[i] if side == "upper" else sol.lo[i]
-        if abs(np.log10([sol.k_max, sol.N0][i]) - edge) < AT_BOUND:
-            warnings.append(
-                f"{name} at its {side} search bound: the sizes do not pin k(N)'s saturation"
-            )
-
+    warnings += _at_bounds(sol)
     k_size = k_of_N(sizes, sol.k_max, sol.N0)
     E_size = E_basis(sizes) @ sol.E_params + k_size * offset if E_form == "smooth" else sol.E_params
     j = np.searchsorted(sizes, p.N)
@@ -406,22 +440,7 @@ def fit_main_law(
     # law's k(N) has to explain.
     _, xbar, ybar, Sxx, Sxy, Syy = centred(S)
     k_hat = -Sxy / Sxx
-    _, xbar_r, ybar_r, Sxx_r, Sxy_r, Syy_r = centred(S_run)
-    k_run = -Sxy_r / Sxx_r
-    # Each run's slope variance from its own residuals; what the run slopes scatter around
-    # k(N) beyond that is the between-run spread tau (method of moments).
-    v_run = (Syy_r - Sxy_r**2 / Sxx_r) / np.maximum(np.bincount(run_of_point) - 2, 1) / Sxx_r
-    r_run = p.y - ybar_r[run_of_point] + k_run[run_of_point] * (p.x - xbar_r[run_of_point])
-    order = np.lexsort((p.step, run_of_point))
-    infl = ar1_inflation(np.split(r_run[order], np.flatnonzero(np.diff(run_of_point[order])) + 1))
-    v_run *= infl
-    tau2 = max(0.0, float(np.mean((k_run - k_of_N(N_run, sol.k_max, sol.N0)) ** 2 - v_run)))
-    k_hat_se = [
-        float(np.std(k_run[size_of_run == m], ddof=1) / np.sqrt((size_of_run == m).sum()))
-        if (size_of_run == m).sum() > 1
-        else float("nan")
-        for m in range(len(sizes))
-    ]
+    infl, tau2, v_run, k_hat_se = _run_spread(p, run_of_point, S_run, N_run, size_of_run, sol)
     fit = MainFit(
         x_name=p.x_name,
         E_form=E_form,
