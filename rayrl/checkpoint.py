@@ -220,6 +220,14 @@ def checkpoint_state(run_dir: Path) -> dict[str, Any] | None:
     return None
 
 
+def storage_bytes(params: int, device: str, keep: int) -> dict[str, int]:
+    """Estimated bytes one run leaves on the study's volume: its `keep` checkpoints (the
+    module's weights, bf16 on GPU and fp32 on CPU, and ZeRO's optimizer state: fp32 master
+    weights and Adam's two moments, 12 bytes a parameter) and its final HF export."""
+    weights = 2 if device == "gpu" else 4
+    return {"checkpoints": keep * params * (weights + 12), "export": params * weights}
+
+
 # --- HF export -------------------------------------------------------------------------------
 def checkpoint_weights(path: Path) -> dict[str, Any]:
     """The full fp32 weights of a checkpoint folder, ZeRO-1/2/3 shards merged (DeepSpeed's
@@ -252,10 +260,14 @@ def export(path: Path, out: Path, model_dir: str | None = None) -> Path:
         if model_dir is None:
             raise CheckpointError(f"{path}: no {HF_META}/config.json (written before exports)")
         meta = Path(model_dir)
-    state = checkpoint_weights(path)
     config = AutoConfig.from_pretrained(meta)
+    # The model's own dtype (bf16 for the paper's grids, fp32 for the tiny ladder), cast
+    # from DeepSpeed's fp32 master weights.
+    dtype = getattr(config, "dtype", None) or torch.float32
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    state = {k: v.to(dtype) for k, v in checkpoint_weights(path).items()}
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
     untied = [k for k in missing if model.get_parameter(k).is_meta]

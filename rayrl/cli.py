@@ -32,7 +32,7 @@ def _init_ray(
     where the cluster is too small to start one."""
     import ray
 
-    from rayrl.study import run_cpus
+    from rayrl.study import run_bundles, run_cpus
     from rayrl.study.dryrun import connect
 
     per_run = run_cpus(cfg, models)
@@ -43,12 +43,47 @@ def _init_ray(
             cpus = num_cpus or max(os.cpu_count() or 1, math.ceil(per_run * runs))
             ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
     have = ray.cluster_resources().get("CPU", 0.0)
-    if have < per_run:
+    if have < per_run and not can_scale_to(per_run, run_bundles(cfg, models)):
         raise ConfigError(
             f"{cfg.source}: one run reserves {per_run:g} logical CPUs (resources: "
             f"cpus_per_actor x its rollout, learner and reward actors) but the Ray cluster has "
-            f"{have:g}; lower resources.cpus_per_actor or pass --num-cpus"
+            f"{have:g} and no autoscaler that can add them; lower resources.cpus_per_actor or "
+            "pass --num-cpus"
         )
+
+
+SCALE_TIMEOUT_S = 600.0  # how long an autoscaler may take to bring up one run's nodes
+
+
+def can_scale_to(cpus: float, bundles: list[dict[str, float]]) -> bool:
+    """Can the cluster ever hold one run? An autoscaling cluster (KubeRay, Ray's autoscaler)
+    starts with what it needs: where it publishes its node groups' limits they decide; else,
+    with an autoscaler running, it is asked for one run's bundles and given SCALE_TIMEOUT_S
+    to bring them up (Tune's own requests take over from there)."""
+    import time
+
+    import ray
+    from ray._private import ray_constants
+    from ray._private.state import state  # Ray Train's start-up check reads the same
+    from ray.autoscaler.sdk import request_resources
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    limits = state.get_max_resources_from_cluster_config() or {}
+    if limits.get("CPU", 0) >= cpus:
+        return True
+    if not _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS):
+        return False  # no autoscaler: the cluster is what it is
+    print(f"rayrl: asking the autoscaler for one run's {cpus:g} CPUs", file=sys.stderr, flush=True)
+    request_resources(bundles=bundles)
+    deadline = time.monotonic() + SCALE_TIMEOUT_S
+    try:
+        while ray.cluster_resources().get("CPU", 0.0) < cpus:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(1)
+    finally:
+        request_resources(bundles=[])  # no standing floor: the study's trials ask for theirs
+    return True
 
 
 def _overrides(pairs: list[str]) -> dict[str, Any]:

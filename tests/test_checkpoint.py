@@ -176,6 +176,12 @@ def test_a_real_run_keeps_two_exports_its_policy_and_resumes_past_a_corrupt_chec
     for name, w in state.items():
         torch.testing.assert_close(exported[name], w, atol=0, rtol=0)
     assert any(not torch.equal(base[n], w) for n, w in state.items())  # the run moved them
+    # the dry-run's storage figure is what the kept checkpoints and the export take
+    estimate = checkpoint.storage_bytes(model.num_parameters(), "cpu", keep=2)
+    saved = sum(p.stat().st_size for p in ckpt_dir.glob("step*/*.pt"))
+    assert 0.9 < saved / estimate["checkpoints"] < 1.25, (saved, estimate)
+    exported_bytes = (export / "model.safetensors").stat().st_size
+    assert 0.9 < exported_bytes / estimate["export"] < 1.25, (exported_bytes, estimate)
 
     # vLLM, the rollout engine the run used, started on the export alone
     pool = RolloutPool(str(export), **pool_shapes(cfg, trial.model, trial.family)["rollout"])

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import sysconfig
 from importlib import metadata
 from pathlib import Path
 
@@ -83,7 +84,8 @@ for cb in tracker_callbacks(cfg, Path(sys.argv[2])):
     getattr(cb, "setup", lambda: None)()
 import transformers.integrations.ggml  # rayrl models convert: transformers' GGUF reader
 import gguf, accelerate
-print(json.dumps(sorted({m.split(".")[0] for m in sys.modules} - set(sys.stdlib_module_names))))
+tops = {m.split(".")[0] for m in sys.modules} - set(sys.stdlib_module_names)
+print(json.dumps({m: getattr(sys.modules[m], "__file__", None) for m in sorted(tops)}))
 """
 
 
@@ -104,11 +106,19 @@ def test_every_module_a_study_imports_is_installed_by_the_extras_it_names(config
     assert done.returncode == 0, done.stderr[-3000:]
     modules = json.loads(done.stdout.splitlines()[-1])
     providers = metadata.packages_distributions()
+    site = Path(sysconfig.get_paths()["purelib"])
+
+    def owner(module: str, file: str | None) -> str:
+        """The top-level package whose files hold the module: its own, or the one that
+        vendors it (Ray's colorama in ray/thirdparty_files)."""
+        path = Path(file) if file else None
+        return path.relative_to(site).parts[0] if path and path.is_relative_to(site) else module
+
     allowed = installed_by(names)
     outside = {
         m: dists
-        for m in modules
-        if (dists := {canonicalize_name(d) for d in providers.get(m, [])})
+        for m, file in modules.items()
+        if (dists := {canonicalize_name(d) for d in providers.get(owner(m, file), [])})
         and not dists & allowed
         and "rayrl" not in dists
     }

@@ -16,6 +16,7 @@ _PUBLIC = {
     "run_trial": "rayrl.study.tuner",
     "trial_resources": "rayrl.study.tuner",
     "run_cpus": "rayrl.study.tuner",
+    "run_bundles": "rayrl.study.tuner",
     "write_report": "rayrl.study.report",
     "dry_run": "rayrl.study.dryrun",
 }

@@ -58,13 +58,17 @@ def trial_resources(
     return tune.PlacementGroupFactory(bundles)
 
 
+def run_bundles(cfg: Config, models: list[tuple[str, str]] | None = None) -> list[dict[str, float]]:
+    """The bundles of the largest run (in CPUs) of `models` (model, family), by default the
+    study's."""
+    models = models or [(t.model, t.family) for t in cfg.trials()]
+    runs = [trial_resources(cfg, m, f).bundles for m, f in models]
+    return max(runs, key=lambda b: sum(x.get("CPU", 0.0) for x in b), default=[])
+
+
 def run_cpus(cfg: Config, models: list[tuple[str, str]] | None = None) -> float:
     """Logical CPUs the largest run of `models` (model, family), by default the study's, reserves."""
-    models = models or [(t.model, t.family) for t in cfg.trials()]
-    return max(
-        (sum(b.get("CPU", 0.0) for b in trial_resources(cfg, m, f).bundles) for m, f in models),
-        default=0.0,
-    )
+    return sum(b.get("CPU", 0.0) for b in run_bundles(cfg, models))
 
 
 def run_trial(params: dict[str, Any], cfg: Config, study_dir: str) -> None:
