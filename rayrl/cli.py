@@ -383,6 +383,11 @@ def _fit_verb(sub: Any) -> None:
         "--n-boot", type=int, default=N_BOOT, help="bootstrap draws over whole runs (0: none)"
     )
     f.add_argument(
+        "--metric",
+        default="test_loss",
+        help="the loss to fit: test_loss (1 - pass@1) or pass_at_<k> (1 - pass@k, grpo.pass_k)",
+    )
+    f.add_argument(
         "--E-form",
         dest="E_form",
         choices=["free", "smooth"],

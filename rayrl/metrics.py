@@ -55,6 +55,7 @@ OPTIONAL: dict[str, type] = {
 STEP_COLUMNS = ("reward_mean", "response_len", "zero_var_groups", "gen_rounds", "truncated_frac")
 BENCHMARK = re.compile(r"test_loss_(?!se$)(\w+?)(_se)?")  # test_loss_<name>[_se]
 PASS_AT = re.compile(r"pass_at_\d+(_\w+)?")  # pass_at_<k>[_<name>][_se]
+HELD_OUT_PASS_AT = re.compile(r"pass_at_\d+")  # the held-out set's pass@k, a loss to fit
 TIMING = re.compile(r"time_\w+")
 
 DEFAULT_VARIANT = "default"  # rayrl.search.DEFAULT: the study's config without overrides

@@ -78,6 +78,17 @@ def test_report_scores_every_benchmark_of_the_suite(tmp_path):
             f"{r['test_loss_gsm8k']:.3f} ± 0.010 |" in suite
         )
     assert (tmp_path / "benchmarks.png").stat().st_size > 1000
+    assert "## pass@k" not in report  # the table has no pass@k columns
+
+
+def test_report_draws_pass_at_k_against_compute(tmp_path):
+    table = make_metrics(sizes=(0.5e9, 3e9), seeds=1, points=6, seed=2)
+    table["pass_at_1"], table["pass_at_4"] = 1 - table["test_loss"], 1 - table["test_loss"] ** 2
+    table.to_parquet(tmp_path / "metrics.parquet")
+    shutil.copy(ROOT / "configs" / "tiny.yaml", tmp_path / "config.yaml")
+    report = write_report(tmp_path).read_text()
+    assert "## pass@k" in report and "![pass@k](pass_at_k.png)" in report
+    assert (tmp_path / "pass_at_k.png").stat().st_size > 1000
 
 
 def test_report_has_a_section_per_family_each_as_fitted_alone(tmp_path):

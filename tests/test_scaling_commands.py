@@ -157,3 +157,22 @@ def test_rayrl_fit_family_flag(metrics, tmp_path, capsys):
     assert main(["fit", *args]) == 0
     assert sorted(strict_json(out)["families"]) == ["instruct", FAMILY]
     assert "instruct: ok, compute-axis law, data-axis law" in capsys.readouterr().out
+
+
+def test_fit_a_law_to_one_minus_pass_at_k(metrics, tmp_path):
+    """rayrl fit --metric pass_at_4: the law of L = 1 - pass@k, from the pass@k columns."""
+    df = pd.read_parquet(metrics)
+    # pass@4 >= pass@1: here a loss of L^2 where test_loss is L, a law of twice the slope
+    df["pass_at_4"] = 1 - df["test_loss"] ** 2
+    path = tmp_path / "k.parquet"
+    df.to_parquet(path)
+    one = fit_command(str(path), out=str(tmp_path / "one.json"), figures=False, n_boot=0)
+    four = fit_command(
+        str(path), out=str(tmp_path / "four.json"), figures=False, n_boot=0, metric="pass_at_4"
+    )
+    assert four["metric"] == "pass_at_4"
+    k1 = one["families"][FAMILY]["laws"]["compute"]["k_max"]
+    k4 = four["families"][FAMILY]["laws"]["compute"]["k_max"]
+    assert k4 == pytest.approx(2 * k1, rel=0.05)
+    with pytest.raises(MetricsError, match=r"no column 'pass_at_8' \(pass@k columns: \['pass_at_4'\]\)"):
+        fit_command(str(path), out=str(tmp_path / "x.json"), metric="pass_at_8")

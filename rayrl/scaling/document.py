@@ -13,6 +13,7 @@ import pandas as pd
 
 from rayrl.metrics import (
     AXES,
+    HELD_OUT_PASS_AT,
     UNITS,
     LawKey,
     MetricsError,
@@ -82,6 +83,7 @@ def fit_table(
     loss: str = "linear",
     source: str = "metrics",
     rollout_n: int | None = None,
+    metric: str = "test_loss",
 ) -> tuple[dict, dict[str, dict]]:
     """Fit the main law of every family (or only `family`) on every X axis the rows carry.
 
@@ -91,13 +93,17 @@ def fit_table(
     a parameter sits on a bound; "partial" when the chosen axis has no law (e.g. one model
     size), with per-run slopes; "error" when it has no usable rows (raised instead when it is
     the only family). The laws take the rows of table.law_rows (`rollout_n`: the main group
-    size), and the document says which (`rows`).
+    size), and the document says which (`rows`). metric: the loss the law is fitted to,
+    test_loss (1 - pass@1) or a pass@k column (pass_at_<k>: L = 1 - pass@k).
     """
     if protocol not in (None, "intra", "inter"):
         raise ValueError(f"protocol must be 'intra', 'inter' or None, got {protocol!r}")
     x_column(x)
     if "family" not in df.columns:
-        raise MetricsError(f"{source}: missing column(s) ['family'] (rayrl/DESIGN.md, the metric row)")
+        raise MetricsError(
+            f"{source}: missing column(s) ['family'] (rayrl/DESIGN.md, the metric row)"
+        )
+    df = loss_of(df, metric, source)
     names = families(df)
     if family is not None and family not in names:
         raise MetricsError(f"{source}: no rows with family == {family!r} (have {names})")
@@ -105,7 +111,7 @@ def fit_table(
     if not names:
         raise MetricsError(f"{source}: no rows")
     main, rule = law_rows(df, rollout_n)
-    doc: dict = {"source": source, "x": x, "rows": rule, "families": {}}
+    doc: dict = {"source": source, "x": x, "metric": metric, "rows": rule, "families": {}}
     objects: dict[str, dict] = {}
     group, main_group = law_groups(df), law_groups(main)
     for name in names:
@@ -126,6 +132,19 @@ def fit_table(
         entry.update(family=fam, variant=variant)
     doc["status"] = max((f["status"] for f in doc["families"].values()), key=STATUS_ORDER.index)
     return _json_safe(doc), objects
+
+
+def loss_of(df: pd.DataFrame, metric: str, source: str) -> pd.DataFrame:
+    """The rows with test_loss (and its SE) taken from `metric`: 1 - pass@k for pass_at_<k>."""
+    if metric == "test_loss":
+        return df
+    if not HELD_OUT_PASS_AT.fullmatch(metric):
+        raise MetricsError(f"{source}: --metric expected test_loss or pass_at_<k>, got {metric!r}")
+    if metric not in df.columns:
+        have = sorted(c for c in df.columns if HELD_OUT_PASS_AT.fullmatch(c)) or "none"
+        raise MetricsError(f"{source}: no column {metric!r} (pass@k columns: {have})")
+    se = df[f"{metric}_se"] if f"{metric}_se" in df.columns else float("nan")
+    return df.assign(test_loss=1 - df[metric], test_loss_se=se)  # L = 1 - pass@k
 
 
 def _fit_family(
@@ -220,6 +239,7 @@ def fit_command(
     E_form: str = "free",
     loss: str = "linear",
     rollout_n: int | None = None,
+    metric: str = "test_loss",
 ) -> dict:
     """Read METRICS.{parquet,csv}, fit each family (or only `family`), write fit.json and PNG
     figures beside it: per family STEM_FAMILY_{loss_vs_X,k_vs_N,per_size_X}.png, and with two
@@ -236,6 +256,7 @@ def fit_command(
         loss,
         source=str(metrics),
         rollout_n=rollout_n,
+        metric=metric,
     )
     out_path = Path(out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -292,7 +313,8 @@ def read_fit(path: str) -> dict:
     if not isinstance(doc, dict) or not isinstance(doc.get("families"), dict):
         raise MetricsError(
             f"{path}: expected a fit document (an object with 'families', as `rayrl fit` "
-            f"writes), got {type(doc).__name__}" + (" without 'families'" if isinstance(doc, dict) else "")
+            f"writes), got {type(doc).__name__}"
+            + (" without 'families'" if isinstance(doc, dict) else "")
         )
     for name, fam in doc["families"].items():
         laws = fam.get("laws") if isinstance(fam, dict) else None
@@ -302,7 +324,9 @@ def read_fit(path: str) -> dict:
             try:
                 MainFit.from_dict(law)
             except (TypeError, ValueError) as e:
-                raise MetricsError(f"{path}: families.{name}.laws.{axis} is not a law ({e})") from None
+                raise MetricsError(
+                    f"{path}: families.{name}.laws.{axis} is not a law ({e})"
+                ) from None
     return doc
 
 
@@ -328,7 +352,10 @@ def plan_command(
         if family is not None and name != family:
             continue
         lines.append(f"family {name}: status {fam.get('status')}")
-        for budget, axis, eq in ((compute_budget, "compute", "eq. 5"), (data_budget, "data", "eq. 7")):
+        for budget, axis, eq in (
+            (compute_budget, "compute", "eq. 5"),
+            (data_budget, "data", "eq. 7"),
+        ):
             if budget is None:
                 continue
             if axis not in fam["laws"]:

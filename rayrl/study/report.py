@@ -17,7 +17,14 @@ import pandas as pd  # noqa: E402
 from matplotlib.ticker import FormatStrFormatter  # noqa: E402
 
 from rayrl.config import load_config  # noqa: E402
-from rayrl.metrics import BENCHMARK, UNITS, families, read_metrics, x_column  # noqa: E402
+from rayrl.metrics import (  # noqa: E402
+    BENCHMARK,
+    HELD_OUT_PASS_AT,
+    UNITS,
+    families,
+    read_metrics,
+    x_column,
+)
 from rayrl.scaling.document import fit_command, plan_command  # noqa: E402
 from rayrl.scaling.fit import saturation  # noqa: E402
 from rayrl.scaling.planner import reuse_study  # noqa: E402
@@ -125,6 +132,31 @@ def plot_benchmarks(df: pd.DataFrame, path: Path) -> Path | None:
         ax.set_xlabel("compute C (FLOPs)")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("test loss 1 - pass@1")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_pass_at_k(df: pd.DataFrame, path: Path) -> Path | None:
+    """Held-out pass@k against compute per size, one panel per k (grpo.pass_k): does RL
+    raise pass@k, or only pass@1?"""
+    cols = sorted(
+        (c for c in df.columns if HELD_OUT_PASS_AT.fullmatch(c)), key=lambda c: int(c[8:])
+    )
+    if not cols:
+        return None
+    fig, axes = plt.subplots(1, len(cols), figsize=(3.2 * len(cols), 3.2), squeeze=False)
+    trained = df[df["compute_flops"] > 0]
+    for ax, col in zip(axes[0], cols):
+        for (family, _, model), g in trained.groupby(["family", "n_params", "model"]):
+            mean = g.groupby("step")[["compute_flops", col]].mean()
+            ax.plot(mean["compute_flops"], mean[col], marker=".", label=label(family, model))
+        ax.set_xscale("log")
+        ax.set_title(col.replace("pass_at_", "pass@"), fontsize=9)
+        ax.set_xlabel("compute C (FLOPs)")
+        ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -442,6 +474,7 @@ def write_report(study_dir: Path) -> Path:
     reuse_png = plot_reuse(df[df["rollout_n"] == n], study_dir / "reuse.png")
     rollout_png = plot_rollout_n(df, study_dir / "rollout_n.png")
     bench_png = plot_benchmarks(law_rows(df, n)[0], study_dir / "benchmarks.png")
+    pass_png = plot_pass_at_k(law_rows(df, n)[0], study_dir / "pass_at_k.png")
     sched = scheduler_summary(study_dir, df, x_column(cfg.study.x))
     final = final_rows(df)
     lines = [
@@ -458,7 +491,10 @@ def write_report(study_dir: Path) -> Path:
         if rollout_png
         else ["No rollout-n sweep in this study.", ""]
     )
-    lines += _benchmarks(df, bench_png) + _planner(df, study_dir, fits[0], fits[1])
+    lines += _benchmarks(df, bench_png)
+    if pass_png:  # `rayrl fit --metric pass_at_<k>` fits a law to 1 - pass@k
+        lines += ["## pass@k", "", "![pass@k](pass_at_k.png)", ""]
+    lines += _planner(df, study_dir, fits[0], fits[1])
     lines += _scheduler(sched, cfg.study.x)
     report = study_dir / "report.md"
     report.write_text("\n".join(lines) + "\n")
