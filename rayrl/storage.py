@@ -53,16 +53,31 @@ def is_out_of_space(e: BaseException) -> bool:
     return False
 
 
+NEARLY_FULL = 16 << 20  # free bytes under which a failed write is taken for a full disk
+
+
+def nearly_full(directory: str | Path) -> bool:
+    """Whether the file system of `directory` (or its nearest existing parent) has less
+    than NEARLY_FULL bytes free for this user."""
+    path = Path(directory).resolve()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize < NEARLY_FULL
+
+
 @contextmanager
 def writing(directory: str | Path, what: str = "") -> Iterator[None]:
     """Turn a failed write's ENOSPC or EDQUOT (raised here, or in a Ray actor and wrapped on
-    the way back) into OutOfSpace naming `directory`."""
+    the way back) into OutOfSpace naming `directory`; also any failure while `directory`'s
+    disk is nearly full (torch's checkpoint writer reports a full disk as "iostream error"
+    or "unexpected pos", without an errno)."""
     try:
         yield
     except OutOfSpace:
         raise
     except Exception as e:
-        if is_out_of_space(e):
+        if is_out_of_space(e) or nearly_full(directory):
             # A wrapped OutOfSpace from deeper down (a trial's) names its own directory.
             inner = re.search(r"(/\S+): out of space", str(e))
             where = (inner.group(1), "") if inner else (Path(directory).resolve(), what)

@@ -115,3 +115,17 @@ def test_an_out_of_space_error_is_recognised_through_a_wrapper():
         raise PermissionError(errno.EACCES, "Permission denied")
     e = pickle.loads(pickle.dumps(OutOfSpace("/d", "x")))
     assert isinstance(e, OutOfSpace) and str(e).startswith("/d: out of space")
+
+
+def test_a_write_that_fails_on_a_nearly_full_disk_is_out_of_space(tmp_path, monkeypatch):
+    """torch's checkpoint writer on a full disk: a RuntimeError with no errno."""
+    import rayrl.storage
+
+    torn = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 523328")
+    with pytest.raises(RuntimeError, match="unexpected pos"), writing(tmp_path):
+        raise torn  # plenty of space here: the error is what it says
+    monkeypatch.setattr(rayrl.storage, "NEARLY_FULL", 1 << 62)
+    with pytest.raises(OutOfSpace, match=rf"^{tmp_path}: out of space"), writing(tmp_path):
+        raise torn
+    with pytest.raises(OutOfSpace), writing(tmp_path / "not" / "yet"):  # a parent's disk
+        raise torn

@@ -252,7 +252,6 @@ class Study:
 
     def __exit__(self, *exc: Any) -> None:
         from rayrl.study.fitter import stop_fitter
-        from rayrl.study.report import write_report
 
         try:
             metrics = collect_metrics(self.dir)
@@ -266,6 +265,8 @@ class Study:
             ray.get(self.fitter.refit.remote(), timeout=FITTER_TIMEOUT_S)
         finally:
             stop_fitter(self.dir)
+        from rayrl.study.report import write_report
+
         write_report(self.dir)
 
     @property
