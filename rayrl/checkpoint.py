@@ -270,7 +270,8 @@ def export(path: Path, out: Path, model_dir: str | None = None) -> Path:
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
-    untied = [k for k in missing if model.get_parameter(k).is_meta]
+    params = dict(model.named_parameters(remove_duplicate=False))  # tied ones under each name
+    untied = [k for k in missing if k not in params or params[k].is_meta]
     if untied or unexpected:
         raise CheckpointError(
             f"{path}: weights do not fit {meta}/config.json: missing {untied}, unexpected "

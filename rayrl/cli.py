@@ -173,11 +173,18 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     check_data(cfg)  # every data file and row, before Ray starts (docs/data.md)
     _init_ray(cfg, args.num_cpus, models=[(trial.model, trial.family)])
-    run_dir = Path(args.out) if args.out else None
+    run_dir = Path(args.out) if args.out else Path(cfg.output_dir) / trial.run_id
     from rayrl.storage import writing
+    from rayrl.study.trackers import RunTrackers
 
-    with writing(run_dir or Path(cfg.output_dir) / trial.run_id):  # a full disk: named, exit 1
-        out = train(cfg, trial, run_dir, resume=args.resume)
+    params = {"trial": trial.to_params()}  # as a study's trial has them
+    with (
+        writing(run_dir),  # a full disk: named, exit 1
+        RunTrackers(cfg, run_dir, trial.run_id, params) as trackers,  # study.trackers
+    ):
+        out = train(
+            cfg, trial, run_dir, resume=args.resume, on_row=trackers.row, on_step=trackers.step
+        )
     print(f"run written to {out}")
 
 

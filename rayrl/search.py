@@ -98,7 +98,8 @@ def variants(search: dict[str, Any], num_samples: int, seed: int) -> list[dict[s
     specs = {k: parse(k, search[k]) for k in sorted(search)}
     grid = {k: args for k, (kind, args) in specs.items() if kind == "grid_search"}
     sampled = {k: (kind, args) for k, (kind, args) in specs.items() if kind != "grid_search"}
-    digest = hashlib.sha256(json.dumps([search, seed], sort_keys=True).encode()).digest()
+    # Seeded by the parsed space (YAML reads 5e-05 as a string, 5.0e-5 as a float: one range).
+    digest = hashlib.sha256(json.dumps([specs, seed], sort_keys=True).encode()).digest()
     rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
     draws = [
         {k: _draw(rng, kind, args) for k, (kind, args) in sampled.items()}

@@ -22,7 +22,6 @@ import torch
 from tqdm import tqdm
 
 from rayrl import checkpoint
-from rayrl.checkpoint import checkpoint_state  # noqa: F401  (the study's import)
 from rayrl.config import Config, GRPOConfig, dump_config
 from rayrl.data import load_task, render_prompt, reuse_schedule
 from rayrl.learner.batch import TrainItem

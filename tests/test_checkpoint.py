@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from rayrl import checkpoint
@@ -116,26 +117,6 @@ def test_export_refuses_a_step_that_is_not_kept(tmp_path):
         checkpoint.export_run(tmp_path / "nothing")
 
 
-def teacher_forced(model_dir, state, pairs):
-    """transformers with `state` (the learner's weights): each response token's log-prob and
-    the greedy token at each position of (prompt, response)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from rayrl.learner.grpo import token_logprobs
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    model.load_state_dict(state, strict=False)
-    model.tie_weights()
-    out = []
-    for prompt, response in pairs:
-        ids = torch.tensor([prompt + response])
-        with torch.no_grad():
-            logits = model(input_ids=ids).logits[0, len(prompt) - 1 : -1]
-        out.append((token_logprobs(logits, ids[0, len(prompt) :]), logits.argmax(-1).tolist()))
-    return out
-
-
 @pytest.mark.vllm
 def test_a_real_run_keeps_two_exports_its_policy_and_resumes_past_a_corrupt_checkpoint(
     ray_session, tmp_path, capfd
@@ -145,6 +126,7 @@ def test_a_real_run_keeps_two_exports_its_policy_and_resumes_past_a_corrupt_chec
     whose greedy tokens are the learner's; with step 6 truncated, --resume names it, goes back
     to step 4 and writes the same rows, each once."""
     import torch
+    from test_trainer import hf_logprobs, step_stats  # transformers with the learner's weights
     from transformers import AutoModelForCausalLM
 
     from rayrl.metrics import read_metrics
@@ -190,12 +172,12 @@ def test_a_real_run_keeps_two_exports_its_policy_and_resumes_past_a_corrupt_chec
     finally:
         pool.shutdown()
     pairs = [(p, list(o.token_ids)) for p, o in zip(prompts, outs)]
-    for out, (logp, argmax) in zip(outs, teacher_forced(base_dir, state, pairs)):
-        assert argmax == list(out.token_ids)
+    for out, (logp, argmax) in zip(outs, hf_logprobs(state, base_dir, pairs)):
+        assert argmax.tolist() == list(out.token_ids)
         torch.testing.assert_close(torch.tensor(out.logprobs), logp, atol=1e-4, rtol=0)
 
     before = read_metrics(run_dir / "metrics.parquet")
-    steps_before = (run_dir / "steps.jsonl").read_text().splitlines()
+    steps_before = step_stats(run_dir)
     shard = ckpt_dir / "step6" / "mp_rank_00_model_states.pt"
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])  # torn by a kill
     capfd.readouterr()
@@ -205,12 +187,9 @@ def test_a_real_run_keeps_two_exports_its_policy_and_resumes_past_a_corrupt_chec
     assert "resumed from step 4" in log
     after = read_metrics(run_dir / "metrics.parquet")
     assert after["step"].tolist() == [0, 2, 4, 6]
-    pd_cols = [c for c in before.columns if not c.startswith("time_")]
-    import pandas as pd
-
-    pd.testing.assert_frame_equal(after[pd_cols], before[pd_cols])
-    logged = [json.loads(x)["step"] for x in (run_dir / "steps.jsonl").read_text().splitlines()]
-    assert logged == [1, 2, 3, 4, 5, 6] and len(steps_before) == 6
+    pd.testing.assert_frame_equal(after, before)  # steps 5 and 6 recomputed, each once
+    assert [s["step"] for s in steps_before] == [1, 2, 3, 4, 5, 6]
+    assert step_stats(run_dir) == steps_before
     assert checkpoint.kept(ckpt_dir) == [6, 4] and checkpoint.verify(ckpt_dir / "step6") is None
 
 
@@ -241,3 +220,29 @@ def test_rayrl_export_merges_zero3_shards_into_the_learners_weights(ray_session,
         exported = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).state_dict()
         for name, w in state.items():
             torch.testing.assert_close(exported[name], w, atol=0, rtol=0)
+
+
+def test_the_dry_runs_storage_estimate_counts_the_kept_checkpoints():
+    """A 72B ZeRO-3 checkpoint is about 1 TiB (deploy/storage.yaml): the qwen2.5-base grid
+    keeping all 10 of its checkpoints a run would not fit the 20 TiB volume, keeping 2 does."""
+    from rayrl.models.memory import architecture
+    from rayrl.study.dryrun import storage_estimate
+
+    def total_tib(keep: int) -> float:
+        cfg = load_config(ROOT / "configs" / "qwen2.5-base.yaml", {"grpo.checkpoint_keep": keep})
+        text = storage_estimate(cfg)
+        assert text.startswith(f"storage (estimate, grpo.checkpoint_keep={keep}): ")
+        line = next(x for x in text.splitlines() if "qwen2.5-72b" in x)
+        assert f"3 run(s) x ({keep} checkpoints " in line
+        head = text.splitlines()[0].split("): ")[1].split()
+        assert head[1] == "TiB"
+        return float(head[0])
+
+    cfg = load_config(ROOT / "configs" / "qwen2.5-base.yaml")
+    one = checkpoint.storage_bytes(architecture(cfg, "qwen2.5-72b").params(), "gpu", keep=1)
+    assert 0.85 < one["checkpoints"] / 2**40 < 1.05 and one["export"] * 7 == one["checkpoints"]
+    t1, t2, t3 = total_tib(1), total_tib(2), total_tib(3)
+    # each kept checkpoint adds the same: 7/8 of a run's checkpoint-and-export
+    assert t3 - t2 == pytest.approx(t2 - t1, rel=0.03)
+    assert t2 - t1 == pytest.approx(t1 * 7 / 8, rel=0.03)
+    assert t2 < 20 < 3 * 10 * one["checkpoints"] / 2**40  # keep 2 fits; 3 seeds x 10 do not

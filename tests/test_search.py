@@ -125,3 +125,10 @@ def test_laws_are_kept_apart_per_variant_and_the_report_compares_them(tmp_path):
     assert (tmp_path / "variants_synthetic.png").stat().st_size > 1000
     # one variant per family: no section
     assert variants_section.section(slow, fit_table(slow, n_boot=0)[0], tmp_path) == []
+
+
+def test_the_draws_depend_on_the_range_not_on_how_yaml_spelled_it():
+    """YAML reads 5e-05 as a string and 5.0e-5 as a float; `--set` and a file must draw alike."""
+    floats = variants({"grpo.lr": {"loguniform": [5.0e-5, 5.0e-4]}}, 2, seed=0)
+    strings = variants({"grpo.lr": {"loguniform": ["5e-05", "0.0005"]}}, 2, seed=0)
+    assert floats == strings

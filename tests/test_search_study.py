@@ -13,6 +13,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from rayrl.checkpoint import checkpoint_state
 from rayrl.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,9 +32,9 @@ SEARCH = {
 def finished_runs(study: Path, steps: int) -> dict[str, float]:
     """run_id -> its metrics file's mtime, for runs checkpointed at their last step."""
     out = {}
-    for latest in study.glob("runs/*/checkpoints/latest.json"):
-        if json.loads(latest.read_text())["step"] >= steps:
-            run = latest.parent.parent
+    for run in study.glob("runs/*"):
+        state = checkpoint_state(run)
+        if state is not None and state["step"] >= steps:
             out[run.name] = (run / "metrics.parquet").stat().st_mtime
     return out
 

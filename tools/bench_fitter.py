@@ -34,9 +34,7 @@ KEY = ["run_id", "step"]
 
 def actor_rss(handle: ray.actor.ActorHandle) -> int:
     """Resident bytes of the actor's process (on this machine)."""
-    from ray.util.state import get_actor
-
-    pid = get_actor(handle._actor_id.hex()).pid
+    pid = ray.get(handle.__ray_call__.remote(lambda self: os.getpid()))
     return psutil.Process(pid).memory_info().rss
 
 

@@ -145,7 +145,7 @@ def setup(refs: list[str]) -> None:
     for ref in refs:
         try:
             _function(ref)
-        except Exception:  # noqa: BLE001, S110 - reported by call()
+        except BaseException:  # noqa: BLE001, S110 - even sys.exit at import: call() reports it
             pass
 
 
@@ -171,11 +171,14 @@ def score_custom(
     from rayrl.rewards.isolate import Isolated
 
     start = time.monotonic()
-    iso = _ISOLATED.get(rule.ref)
-    if iso is None:
-        iso = _ISOLATED[rule.ref] = Isolated(__name__, MEMORY_MB, setup=[[rule.ref]])
-        iso.warm()  # the import runs now, not under the first call's timeout
-    status, value = iso.call("call", (rule.ref, response, ground_truth, row), timeout_s)
+    try:
+        iso = _ISOLATED.get(rule.ref)
+        if iso is None:
+            iso = _ISOLATED[rule.ref] = Isolated(__name__, MEMORY_MB, setup=[[rule.ref]])
+            iso.warm()  # the import runs now, not under the first call's timeout
+        status, value = iso.call("call", (rule.ref, response, ground_truth, row), timeout_s)
+    except RuntimeError as e:  # no worker process could be started
+        status, value = "error", str(e)
     seconds = time.monotonic() - start
     if status == "ok" and value[0] == "ok":
         score = value[1]
@@ -184,6 +187,11 @@ def score_custom(
         return Verdict(0.0, None, "timeout", seconds, f"timed out after {timeout_s:g}s")
     detail = value[1] if status == "ok" else f"the worker process failed: {value}"
     return Verdict(0.0, None, "error", seconds, detail)
+
+
+def loaded() -> list[str]:
+    """The functions this process has scored with (score_custom)."""
+    return list(_ISOLATED)
 
 
 # --- on the driver ------------------------------------------------------------------------

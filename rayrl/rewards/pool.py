@@ -19,7 +19,7 @@ from ray.exceptions import RayActorError
 from ray.util.placement_group import PlacementGroup
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from rayrl.rewards.custom import Rule, check_failures, score_custom
+from rayrl.rewards.custom import Rule, check_failures, loaded, score_custom
 from rayrl.rewards.dispatch import DEFAULT_TIMEOUT_S, score_detailed
 from rayrl.rewards.math import warm
 from rayrl.rewards.verdict import Verdict
@@ -44,6 +44,11 @@ class RewardWorker:
 
     def ready(self) -> bool:
         return True
+
+    def custom_functions(self) -> list[str]:
+        """The rewards.custom functions this worker has scored with, each in its own
+        isolated process."""
+        return loaded()
 
     def score(self, items: list[Item], timeout_s: float) -> list[Verdict]:
         return [score_item(item, timeout_s) for item in items]
@@ -100,7 +105,8 @@ class RewardPool:
                 if tries[c] < 2:
                     todo.appendleft(c)
                 else:
-                    results[c] = [Verdict(0.0, None, "error")] * len(chunks[c])
+                    died = "the reward actor died twice on this chunk"
+                    results[c] = [Verdict(0.0, None, "error", error=died)] * len(chunks[c])
             idle.append(w)
         verdicts = [v for chunk in results for v in chunk]
         self._counts["items"] += len(verdicts)

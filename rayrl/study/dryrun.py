@@ -200,6 +200,34 @@ def lacking(bundles: list[dict[str, float]]) -> str:
     )
 
 
+def storage_estimate(cfg: Config) -> str:
+    """What the study leaves on its volume: each run's kept checkpoints (grpo.checkpoint_keep)
+    and its final HF export (rayrl.checkpoint.storage_bytes), summed over the trials."""
+    from rayrl.checkpoint import storage_bytes
+
+    keep, total, lines = cfg.grpo.checkpoint_keep, 0, []
+    trials = cfg.trials()
+    for model, family in models_of(cfg):
+        n = sum(1 for t in trials if (t.model, t.family) == (model, family))
+        params = architecture(cfg, model, family).params()
+        b = storage_bytes(params, cfg.resources_for(model, family).device, keep)
+        total += n * sum(b.values())
+        lines.append(
+            f"  {model} ({family}): {n} run(s) x ({keep} checkpoints "
+            f"{size(b['checkpoints'])} + HF export {size(b['export'])})"
+        )
+    head = f"storage (estimate, grpo.checkpoint_keep={keep}): {size(total)} in all"
+    return "\n".join([head, *lines])
+
+
+def size(n: float) -> str:
+    """Bytes in the largest binary unit that keeps the figure at 1 or more."""
+    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{n:.0f} B"
+
+
 def dry_run(cfg: Config, placement_timeout_s: float | None = None) -> None:
     """Print every trial's bundles and memory estimates, place each trial's group on the
     connected cluster (waiting up to `placement_timeout_s` each, default
@@ -214,6 +242,7 @@ def dry_run(cfg: Config, placement_timeout_s: float | None = None) -> None:
     if rows:
         print("GPU memory per actor (estimates):")
         print(format_estimates(rows))
+    print(storage_estimate(cfg))
     failures = memory_failures(cfg)
     connect()
     timeout = PLACEMENT_TIMEOUT_S if placement_timeout_s is None else placement_timeout_s

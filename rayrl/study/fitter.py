@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import re
 import threading
 import time
@@ -49,6 +48,7 @@ from rayrl.scaling.document import fit_table, laws_of, without_draws, write_json
 from rayrl.scaling.fit import FitError, MainFit
 from rayrl.scaling.planner import best_size, reuse_study
 from rayrl.scaling.protocols import RunFit, fit_run
+from rayrl.storage import replace_atomic
 
 log = logging.getLogger(__name__)
 
@@ -60,17 +60,9 @@ PART = re.compile(r"(part|compact)-(\d+)\.parquet")
 
 
 def _write_parquet(df: pd.DataFrame, path: Path) -> None:
-    """Durable and atomic: a reader sees the whole file or none of it, even after a crash."""
-    tmp = path.with_suffix(".tmp")
-    df.to_parquet(tmp, index=False)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    """Durable and atomic: a reader sees the whole file or none of it, even after a crash;
+    a full disk raises OutOfSpace naming the directory (rayrl/storage.py)."""
+    replace_atomic(path, lambda tmp: df.to_parquet(tmp, index=False))
 
 
 @dataclass

@@ -19,8 +19,8 @@ from typing import Any
 
 import yaml
 
+from rayrl.checkpoint import checkpoint_state
 from rayrl.config import Config, ConfigError, from_dict
-from rayrl.trainer import checkpoint_state
 from rayrl.trial import Trial
 
 # Keys that decide which trials exist, where runs go, how they are scheduled or how fast

@@ -73,3 +73,73 @@ def tracker_callbacks(cfg: Config, study_dir: Path) -> list[Callback]:
             root.mkdir(parents=True, exist_ok=True)
             callbacks.append(WandbLoggerCallback(project=cfg.study.name, mode=mode, dir=str(root)))
     return callbacks
+
+
+class _RunTrial:
+    """What Tune's logger callbacks read of a trial, for one `rayrl train` run."""
+
+    def __init__(self, run_dir: Path, run_id: str, params: dict) -> None:
+        self.trial_id = self.experiment_dir_name = run_id
+        self.local_path = str(run_dir)
+        self.config = self.evaluated_params = params
+        self.checkpoint = None
+
+    def init_local_path(self) -> None:
+        Path(self.local_path).mkdir(parents=True, exist_ok=True)
+
+    def __str__(self) -> str:
+        return self.trial_id
+
+
+class RunTrackers:
+    """study.trackers for one `rayrl train` run: the callbacks of tracker_callbacks, which a
+    study hands to Tune, fed each step and evaluation row as a trial reports them
+    (tuner.trial_result). TensorBoard's event files go into the run directory, MLflow's and
+    W&B's runs where a study's would, with RUN_DIR for the study directory. A context
+    manager: leaving it ends the tracker runs, as failed when an exception leaves it."""
+
+    def __init__(self, cfg: Config, run_dir: Path, run_id: str, params: dict) -> None:
+        from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+
+        tune_files = (CSVLoggerCallback, JsonLoggerCallback)  # what Tune reads back: no tracker
+        callbacks = tracker_callbacks(cfg, run_dir)
+        self.callbacks = [c for c in callbacks if not isinstance(c, tune_files)]
+        self.trial, self.iteration = _RunTrial(run_dir, run_id, params), 0
+        for c in self.callbacks:
+            c.setup()
+            c.on_trial_start(0, [self.trial], self.trial)
+
+    def __enter__(self) -> RunTrackers:
+        return self
+
+    def __exit__(self, kind: type | None, *_: object) -> None:
+        self.close(failed=kind is not None)
+
+    def row(self, row: dict) -> None:
+        """An evaluation row (Run's on_row)."""
+        from rayrl.metrics import EVAL
+        from rayrl.study.tuner import trial_result
+
+        self.report(trial_result(EVAL, row, {"run_id": self.trial.trial_id}))
+
+    def step(self, stats: dict) -> None:
+        """An optimizer step's stats (Run's on_step)."""
+        from rayrl.metrics import STEP
+        from rayrl.study.tuner import trial_result
+
+        self.report(trial_result(STEP, stats, {"run_id": self.trial.trial_id}))
+
+    def report(self, result: dict) -> None:
+        """One result as a trial reports it."""
+        self.iteration += 1
+        result = {**result, "training_iteration": self.iteration, "trial_id": self.trial.trial_id}
+        for c in self.callbacks:
+            c.on_trial_result(self.iteration, [self.trial], self.trial, result)
+
+    def close(self, failed: bool = False) -> None:
+        for c in self.callbacks:
+            if failed:
+                c.on_trial_error(self.iteration, [self.trial], self.trial)
+            else:
+                c.on_trial_complete(self.iteration, [self.trial], self.trial)
+            c.on_experiment_end([self.trial])
