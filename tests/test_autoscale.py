@@ -4,8 +4,6 @@ its fake multi-node provider, the local stand-in for KubeRay's)."""
 
 import json
 import os
-import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -15,6 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from clusters import stop_head
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.e2e, pytest.mark.vllm]
@@ -116,9 +115,4 @@ def test_a_study_starts_on_an_autoscaling_cluster_with_no_worker(tmp_path):
         df = pd.read_parquet(out / "metrics.parquet")
         assert df["step"].tolist() == [0, 2]
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        stop_head(proc, temp_dir)

@@ -3,8 +3,6 @@
 import json
 import os
 import secrets
-import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -16,6 +14,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import ray
+from clusters import stop_head
 
 from rayrl.config import load_config
 from rayrl.scaling.document import fit_table
@@ -298,9 +297,4 @@ def test_smoke_study_through_ray_job_submit_on_a_local_head(tmp_path):
         df = pd.read_parquet(out / "metrics.parquet")
         assert df["run_id"].nunique() == len(load_config(SMOKE, ONE_TRIAL).trials()) == 1
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        stop_head(proc, temp_dir)
