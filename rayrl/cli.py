@@ -171,7 +171,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     trial = Trial(model, family, g.rollout_n, g.reuse_factor, g.seed)
     from rayrl.data.task import check_data
 
-    check_data(cfg)  # every data file and row, before Ray starts (docs/data.md)
+    check_data(cfg)  # every data file and row, before Ray starts (rayrl/data/SCHEMA.md)
     _init_ray(cfg, args.num_cpus, models=[(trial.model, trial.family)])
     run_dir = Path(args.out) if args.out else Path(cfg.output_dir) / trial.run_id
     from rayrl.storage import writing

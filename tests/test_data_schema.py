@@ -1,4 +1,4 @@
-"""Your own data (issue 35): docs/data.md's schema, files in it, rows out of it refused before
+"""Your own data (issue 35): rayrl/data/SCHEMA.md's schema, files in it, rows out of it refused before
 Ray starts naming file, row and field, and config paths taken from the config's folder."""
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ from rayrl.data import DataError, load_rows, load_task, pass_rate
 from rayrl.data.rows import REQUIRED
 
 ROOT = Path(__file__).resolve().parents[1]
-DOC = ROOT / "docs" / "data.md"
+DOC = ROOT / "rayrl" / "data" / "SCHEMA.md"
 
 
 def example_row() -> dict:
-    """The example row of docs/data.md, as the page prints it."""
+    """The example row of rayrl/data/SCHEMA.md, as the page prints it."""
     block = re.search(r"## An example row\n\n```json\n(.*?)```", DOC.read_text(), re.S)
     return json.loads(block.group(1))
 

@@ -99,7 +99,7 @@ def validate_rows(raw: list[Any], file: str, difficulty: bool = False) -> LoadRe
             need = [*REQUIRED, *([f"extra_info.{PASS_RATE_KEYS[0]}"] if difficulty else [])]
             raise DataError(
                 f"{file}: row {i}: no field '{field_}' (every row needs {', '.join(need)}; "
-                f"the schema is in docs/data.md)"
+                f"the schema is in rayrl/data/SCHEMA.md)"
             )
         reason = problem(row)
         if reason:

@@ -15,7 +15,7 @@ class Malformed:
     reason: str
 
 
-# Fields every row must have (docs/data.md). A file whose rows lack one is not in the schema
+# Fields every row must have (rayrl/data/SCHEMA.md). A file whose rows lack one is not in the schema
 # and is refused; a row whose field is there but unusable (empty, no role) is skipped.
 REQUIRED = ("data_source", "ability", "prompt", "reward_model.ground_truth")
 

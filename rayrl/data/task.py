@@ -23,7 +23,7 @@ class Task:
 
 def check_data(cfg: Config) -> None:
     """Read every data file of `cfg` now, so that a file or a row out of the schema
-    (docs/data.md) fails before any actor starts: a DataError naming file, row and field."""
+    (rayrl/data/SCHEMA.md) fails before any actor starts: a DataError naming file, row and field."""
     d = cfg.data
     if d.source == "guru":
         load_rows(d.train_path, split="train", difficulty=True)
