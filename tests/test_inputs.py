@@ -47,9 +47,7 @@ def run_cli(capsys, *argv: str) -> tuple[int, str]:
         (["--set", "grpo.lr=[1"], "grpo.lr", "not valid YAML"),
     ],
 )
-def test_bad_train_input_exits_2_before_ray_naming_the_key(
-    started, capsys, args, key, expected
-):
+def test_bad_train_input_exits_2_before_ray_naming_the_key(started, capsys, args, key, expected):
     code, err = run_cli(capsys, "train", str(SMOKE), "--model", "smoke-1", *args)
     assert code == 2, err
     assert started == []
@@ -101,7 +99,10 @@ def test_fit_refuses_impossible_flags(capsys, metrics, tmp_path, flag, value):
     [
         ([1, 2], "expected a fit document"),
         ({}, "without 'families'"),
-        ({"families": {"base": {"laws": {"compute": {}}}}}, "families.base.laws.compute is not a law"),
+        (
+            {"families": {"base": {"laws": {"compute": {}}}}},
+            "families.base.laws.compute is not a law",
+        ),
         ({"families": {"base": {}}}, "families.base has no 'laws'"),
     ],
 )
@@ -191,3 +192,19 @@ def test_a_refused_connection_says_whether_a_token_is_missing(monkeypatch, tmp_p
         connect()
     assert ("holds no auth token" in str(e.value)) != has_token
     assert "10.0.0.1:6379" in str(e.value)
+
+
+def test_a_run_that_drew_its_whole_budget_in_fewer_steps_is_finished(tmp_path):
+    """Dynamic sampling draws the data budget in fewer steps than data_budget / prompts; a
+    resumed study must not schedule such a run again (legacy latest.json layout)."""
+    from rayrl.study.resume import remaining_trials
+
+    cfg = load_config(SMOKE, {"study.sweeps": [{"name": "one", "models": ["smoke-1"]}]})
+    trials = cfg.trials()
+    ckpt = tmp_path / "runs" / trials[0].run_id / "checkpoints"
+    ckpt.mkdir(parents=True)
+    g = cfg.grpo
+    (ckpt / "latest.json").write_text(json.dumps({"step": g.steps - 3, "data": g.data_budget}))
+    assert trials[0] not in remaining_trials(cfg, tmp_path)
+    (ckpt / "latest.json").write_text(json.dumps({"step": g.steps - 3, "data": g.data_budget - 8}))
+    assert trials[0] in remaining_trials(cfg, tmp_path)

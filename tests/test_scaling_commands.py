@@ -174,5 +174,7 @@ def test_fit_a_law_to_one_minus_pass_at_k(metrics, tmp_path):
     k1 = one["families"][FAMILY]["laws"]["compute"]["k_max"]
     k4 = four["families"][FAMILY]["laws"]["compute"]["k_max"]
     assert k4 == pytest.approx(2 * k1, rel=0.05)
-    with pytest.raises(MetricsError, match=r"no column 'pass_at_8' \(pass@k columns: \['pass_at_4'\]\)"):
+    with pytest.raises(
+        MetricsError, match=r"no column 'pass_at_8' \(pass@k columns: \['pass_at_4'\]\)"
+    ):
         fit_command(str(path), out=str(tmp_path / "x.json"), metric="pass_at_8")

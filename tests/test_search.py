@@ -71,8 +71,12 @@ def test_a_sweep_fixes_a_key():
             "study.search": {"grpo.clip_high": [0.2, 0.28]},
             "study.sweeps": [
                 {"name": "size"},
-                {"name": "rollout", "models": ["smoke-1"], "rollout_n": [2, 4],
-                 "search": {"grpo.clip_high": [0.28]}},
+                {
+                    "name": "rollout",
+                    "models": ["smoke-1"],
+                    "rollout_n": [2, 4],
+                    "search": {"grpo.clip_high": [0.28]},
+                },
             ],
         },
     )
@@ -115,7 +119,9 @@ def test_laws_are_kept_apart_per_variant_and_the_report_compares_them(tmp_path):
     doc = fit_table(df, n_boot=100)[0]
     names = sorted(doc["families"])
     assert names == ["synthetic | grpo.clip_high=0.2", "synthetic | grpo.clip_high=0.28"]
-    k = {doc["families"][n]["variant"]: doc["families"][n]["laws"]["compute"]["k_max"] for n in names}
+    k = {
+        doc["families"][n]["variant"]: doc["families"][n]["laws"]["compute"]["k_max"] for n in names
+    }
     assert k["grpo.clip_high=0.2"] == pytest.approx(0.2, rel=0.2)
     assert k["grpo.clip_high=0.28"] == pytest.approx(0.3, rel=0.2)
     lines = "\n".join(variants_section.section(df, doc, tmp_path))

@@ -71,7 +71,9 @@ def test_a_search_study_runs_every_variant_at_every_size_and_resumes_the_same_dr
     df = pd.read_parquet(study / "metrics.parquet")
     assert df.groupby("variant")["model"].nunique().to_dict() == {t.variant: 2 for t in trials}
     fit = json.loads((study / "fit.json").read_text())
-    assert sorted(f["variant"] for f in fit["families"].values()) == sorted({t.variant for t in trials})
+    assert sorted(f["variant"] for f in fit["families"].values()) == sorted(
+        {t.variant for t in trials}
+    )
     report = (study / "report.md").read_text()
     assert "## Variants" in report
     for variant in {t.variant for t in trials}:

@@ -90,7 +90,9 @@ def test_vllm_matches_the_deepspeed_learner_after_each_step(
             "resources.zero_stage": zero_stage,
         },
     )
-    run = Run(cfg, Trial("smoke-2", "base", 4, 1, 0), tmp_path / "run")  # smoke-2 ties its embeddings
+    run = Run(
+        cfg, Trial("smoke-2", "base", 4, 1, 0), tmp_path / "run"
+    )  # smoke-2 ties its embeddings
     try:
         prompts = run.eval_sets[HELD_OUT].prompts[:4]
         previous, updates = None, 0
@@ -252,7 +254,11 @@ def test_a_prompt_over_max_prompt_tokens_fails_before_any_actor_starts(tmp_path,
     for name in ("RolloutPool", "LearnerGroup", "RewardPool"):
         monkeypatch.setattr(rayrl.pools, name, lambda *a, _n=name, **k: started.append(_n))
     with pytest.raises(ValueError, match=r"tokens, over grpo.max_prompt_tokens=4"):
-        Run(smoke(tmp_path, **{"grpo.max_prompt_tokens": 4}), Trial("smoke-1", "base", 4, 1, 0), tmp_path)
+        Run(
+            smoke(tmp_path, **{"grpo.max_prompt_tokens": 4}),
+            Trial("smoke-1", "base", 4, 1, 0),
+            tmp_path,
+        )
     assert started == []
     # the same run with room for its prompts gets as far as starting its pools
     held = object()  # a study's released pools: a cold run neither takes nor drops them

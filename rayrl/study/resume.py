@@ -123,8 +123,11 @@ def remaining_trials(cfg: Config, study_dir: Path) -> list[Trial]:
 
     stopped = {d["run_id"] for d in read_decisions(study_dir) if d["action"] == "stop"}
 
-    def done(run_id: str) -> bool:
-        state = checkpoint_state(study_dir / "runs" / run_id)
-        return run_id in stopped or (state is not None and state["step"] >= cfg.grpo.steps)
+    def done(t: Trial) -> bool:
+        state = checkpoint_state(study_dir / "runs" / t.run_id)
+        g = cfg.with_overrides(dict(t.overrides)).grpo  # the variant's budget
+        # A run ends when its data budget is drawn: dynamic sampling draws it in fewer steps.
+        drawn = None if state is None else state.get("data", state["step"] * g.prompts_per_step)
+        return t.run_id in stopped or (drawn is not None and drawn >= g.data_budget)
 
-    return [t for t in cfg.trials() if not done(t.run_id)]
+    return [t for t in cfg.trials() if not done(t)]
