@@ -80,6 +80,13 @@ FORECAST = "forecast"  # FORECAST/<field>: the run's forecast (fitter.Forecast.t
 TRACKER_STEP = "timesteps_total"
 
 
+def trial_result(
+    kind: str, row: dict[str, Any], common: dict[str, Any], **extra: Any
+) -> dict[str, Any]:
+    """What a trial reports to Tune for a metric row (EVAL) or a step's stats (STEP)."""
+    return {**row, **common, KIND: kind, TRACKER_STEP: row["step"], **extra}
+
+
 class MetricsError(ValueError):
     """Metric rows that cannot be used: names the file, the column and what was expected."""
 

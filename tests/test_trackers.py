@@ -12,12 +12,12 @@ import pytest
 from ray import tune
 
 from rayrl.config import load_config
-from rayrl.metrics import EVAL, STEP, TRACKER_STEP
+from rayrl.metrics import EVAL, STEP, TRACKER_STEP, trial_result
 from rayrl.study.fitter import start_fitter, stop_fitter
 from rayrl.study.resume import remaining_trials
 from rayrl.study.scheduler import ScalingLawScheduler
 from rayrl.study.trackers import mlflow_uri, tracker_callbacks, wandb_dir, wandb_mode
-from rayrl.study.tuner import Study, make_tuner, trial_result
+from rayrl.study.tuner import Study, make_tuner
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 4

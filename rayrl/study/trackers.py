@@ -19,6 +19,7 @@ from urllib.parse import urlparse
 from ray.tune import Callback
 
 from rayrl.config import Config
+from rayrl.metrics import EVAL, STEP, trial_result
 
 FILE_STORE_OPT_IN = "MLFLOW_ALLOW_FILE_STORE"  # readers of the file store set it too
 
@@ -94,7 +95,7 @@ class _RunTrial:
 class RunTrackers:
     """study.trackers for one `rayrl train` run: the callbacks of tracker_callbacks, which a
     study hands to Tune, fed each step and evaluation row as a trial reports them
-    (tuner.trial_result). TensorBoard's event files go into the run directory, MLflow's and
+    (metrics.trial_result). TensorBoard's event files go into the run directory, MLflow's and
     W&B's runs where a study's would, with RUN_DIR for the study directory. A context
     manager: leaving it ends the tracker runs, as failed when an exception leaves it."""
 
@@ -117,16 +118,10 @@ class RunTrackers:
 
     def row(self, row: dict) -> None:
         """An evaluation row (Run's on_row)."""
-        from rayrl.metrics import EVAL
-        from rayrl.study.tuner import trial_result
-
         self.report(trial_result(EVAL, row, {"run_id": self.trial.trial_id}))
 
     def step(self, stats: dict) -> None:
         """An optimizer step's stats (Run's on_step)."""
-        from rayrl.metrics import STEP
-        from rayrl.study.tuner import trial_result
-
         self.report(trial_result(STEP, stats, {"run_id": self.trial.trial_id}))
 
     def report(self, result: dict) -> None:

@@ -23,14 +23,13 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 from rayrl.config import Config, dump_config
 from rayrl.metrics import (
     EVAL,
-    KIND,
     PREDICTED_FINAL,
     STEP,
     SWEEPS,
     TOTAL_STEPS,
-    TRACKER_STEP,
     projected_end,
     read_metrics,
+    trial_result,
     x_column,
 )
 from rayrl.pools import WarmPools
@@ -110,13 +109,6 @@ def run_trial(params: dict[str, Any], cfg: Config, study_dir: str) -> None:
         # The pools of this study's last trial in this Tune actor, which Tune reuses.
         warm=WarmPools.of(study_dir),
     )
-
-
-def trial_result(
-    kind: str, row: dict[str, Any], common: dict[str, Any], **extra: Any
-) -> dict[str, Any]:
-    """What a trial reports to Tune for a metric row (EVAL) or a step's stats (STEP)."""
-    return {**row, **common, KIND: kind, TRACKER_STEP: row["step"], **extra}
 
 
 def collect_metrics(study_dir: Path) -> pd.DataFrame:
