@@ -447,8 +447,8 @@ def test_every_pod_runs_the_gpu_image_on_the_shared_volume(doc):
 def test_dockerfile_installs_the_gpu_extra_on_a_cuda_base():
     text = (DEPLOY / "Dockerfile").read_text()
     assert "cuda" in dockerfile_arg("BASE_IMAGE"), "BASE_IMAGE: a CUDA image"
-    assert re.search(r"pip install -c constraints\.txt \"\.\[gpu\]\"", text), (
-        "the image must `pip install -c constraints.txt .[gpu]`"
+    assert re.search(r"pip install -c constraints\.txt \"\.\[gpu,trackers\]\"", text), (
+        "the image must `pip install -c constraints.txt .[gpu,trackers]` (rayrl/extras.py)"
     )
     assert re.search(r"^WORKDIR /app$", text, re.M)
     # The constraints hold every version; the image names none of its own.
