@@ -36,14 +36,16 @@ def _init_ray(
     from rayrl.study.dryrun import connect
 
     per_run = run_cpus(cfg, models)
+    joined = bool(os.environ.get("RAY_ADDRESS"))  # a cluster of its own, maybe autoscaling
     if not ray.is_initialized():
-        if os.environ.get("RAY_ADDRESS"):
+        if joined:
             connect()
         else:
             cpus = num_cpus or max(os.cpu_count() or 1, math.ceil(per_run * runs))
             ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
     have = ray.cluster_resources().get("CPU", 0.0)
-    if have < per_run and not can_scale_to(per_run, run_bundles(cfg, models)):
+    # A local Ray that rayrl started is what it is (its monitor has no node types to add).
+    if have < per_run and not (joined and can_scale_to(per_run, run_bundles(cfg, models))):
         raise ConfigError(
             f"{cfg.source}: one run reserves {per_run:g} logical CPUs (resources: "
             f"cpus_per_actor x its rollout, learner and reward actors) but the Ray cluster has "
