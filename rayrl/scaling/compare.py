@@ -116,7 +116,9 @@ def fit_sigmoid(p: Points, level: float = 0.9):
         "ci": {  # C_mid's interval is symmetric in log C_mid, where it was fitted
             "A": np.c_[q[:, 1] - z * se[:, 1], q[:, 1] + z * se[:, 1]].tolist(),
             "B": np.c_[q[:, 3] - z * se[:, 3], q[:, 3] + z * se[:, 3]].tolist(),
-            "C_mid": np.exp(np.c_[q[:, 2] - z * se[:, 2], q[:, 2] + z * se[:, 2]]).tolist(),
+            "C_mid": np.exp(
+                np.clip(np.c_[q[:, 2] - z * se[:, 2], q[:, 2] + z * se[:, 2]], -700, 700)
+            ).tolist(),
         },
     }
 
