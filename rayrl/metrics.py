@@ -200,12 +200,12 @@ def split_group(name: str) -> tuple[str, str]:
 
 def law_groups(df: pd.DataFrame) -> pd.Series:
     """Each row's law group."""
-    variant = df["variant"].fillna(DEFAULT_VARIANT) if "variant" in df.columns else None
-    if variant is None:
-        return df["family"].astype(str)
-    return pd.Series(
-        [law_group(str(f), str(v)) for f, v in zip(df["family"], variant)], index=df.index
-    )
+    family = df["family"].astype(str)
+    if "variant" not in df.columns:
+        return family
+    variant = df["variant"].fillna(DEFAULT_VARIANT).astype(str)
+    # law_group, column-wise: the fitter groups every row on each refit.
+    return family.where(variant == DEFAULT_VARIANT, family + GROUP_SEP + variant)
 
 
 def families(df: pd.DataFrame) -> list[str]:

@@ -36,11 +36,6 @@ class Trial:
         base = f"{self.model}-{self.family}-n{self.rollout_n}-tau{self.reuse_factor}-s{self.seed}"
         return base if self.variant == DEFAULT else f"{base}-{self.variant}"
 
-    @property
-    def key(self) -> tuple:
-        """What makes two trials the same run (a run in several sweeps is one trial)."""
-        return (self.model, self.family, self.rollout_n, self.reuse_factor, self.seed, self.variant)
-
     def to_params(self) -> dict[str, Any]:
         """Plain values for Tune's param space (and its live table's trial/<field> columns);
         the overrides go to the trackers as parameters."""
