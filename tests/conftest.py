@@ -37,3 +37,15 @@ def ray_session():
         )
     yield ray
     # Left running on purpose: later tests in the session reuse it; pytest exit tears it down.
+
+
+@pytest.fixture
+def started(monkeypatch) -> list:
+    """What the CLI started, in order: "ray" when it reached Ray (every actor starts after
+    it), then (cfg, trial) of the run it would have trained. Nothing runs."""
+    from rayrl import cli
+
+    calls: list = []
+    monkeypatch.setattr(cli, "_init_ray", lambda *a, **k: calls.append("ray"))
+    monkeypatch.setattr("rayrl.trainer.train", lambda cfg, t, *a, **k: calls.append((cfg, t)))
+    return calls

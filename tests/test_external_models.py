@@ -26,16 +26,6 @@ def model_dir(tmp_path_factory) -> Path:
     return save_model_dir(init_model(spec, tok), tok, tmp_path_factory.mktemp("ext") / "ext-model")
 
 
-@pytest.fixture
-def started(monkeypatch) -> list:
-    """What the CLI started, in order: "ray" for Ray (every actor starts after it), then
-    (cfg, spec) for the run it would have trained."""
-    calls: list = []
-    monkeypatch.setattr(cli, "_init_ray", lambda *a, **k: calls.append("ray"))
-    monkeypatch.setattr("rayrl.trainer.train", lambda cfg, spec, *a, **k: calls.append((cfg, spec)))
-    return calls
-
-
 def train_cli(capsys, started: list, *args: str) -> str:
     """The CLI's error for `rayrl train tiny.yaml ARGS`, which must come before Ray starts."""
     code = cli.main(["train", str(TINY), *args])

@@ -51,15 +51,6 @@ def place(cache: Path, built: Path) -> Path:
     return snapshot
 
 
-@pytest.fixture
-def started(monkeypatch) -> list:
-    """What the CLI started: "ray", then (cfg, trial) of the run it would have trained."""
-    calls: list = []
-    monkeypatch.setattr(cli, "_init_ray", lambda *a, **k: calls.append("ray"))
-    monkeypatch.setattr("rayrl.trainer.train", lambda cfg, t, *a, **k: calls.append((cfg, t)))
-    return calls
-
-
 def test_hub_ids_are_told_from_paths(tmp_path: Path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert is_hub_id("Qwen/Qwen2.5-0.5B-Instruct") and is_hub_id("org/name.v2")

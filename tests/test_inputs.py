@@ -17,15 +17,6 @@ ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "configs" / "smoke.yaml"
 
 
-@pytest.fixture
-def started(monkeypatch) -> list:
-    """What the CLI started: "ray" when it reached Ray, "train" when it reached a run."""
-    calls: list = []
-    monkeypatch.setattr(cli, "_init_ray", lambda *a, **k: calls.append("ray"))
-    monkeypatch.setattr("rayrl.trainer.train", lambda *a, **k: calls.append("train"))
-    return calls
-
-
 def run_cli(capsys, *argv: str) -> tuple[int, str]:
     code = cli.main(list(argv))
     err = capsys.readouterr().err
@@ -66,7 +57,9 @@ def test_flags_set_the_config_they_name(started, capsys):
     code, _ = run_cli(
         capsys, "train", str(SMOKE), "--model", "smoke-1", "--rollout-n", "2", "--seed", "3"
     )
-    assert code == 0 and started == ["ray", "train"]
+    assert code == 0 and started[0] == "ray" and len(started) == 2
+    cfg, trial = started[1]
+    assert (trial.rollout_n, trial.seed) == (cfg.grpo.rollout_n, cfg.grpo.seed) == (2, 3)
 
 
 @pytest.fixture(scope="module")

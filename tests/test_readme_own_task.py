@@ -12,7 +12,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import yaml
 from huggingface_hub import constants
 
@@ -40,14 +39,6 @@ def command(text: str) -> list[str]:
     argv = shlex.split(text.replace("\\\n", " "))
     assert argv[0] == "rayrl"
     return argv[1:]
-
-
-@pytest.fixture
-def started(monkeypatch) -> list:
-    calls: list = []
-    monkeypatch.setattr(cli, "_init_ray", lambda *a, **k: calls.append("ray"))
-    monkeypatch.setattr("rayrl.trainer.train", lambda cfg, t, *a, **k: calls.append((cfg, t)))
-    return calls
 
 
 def test_the_section_has_its_blocks():

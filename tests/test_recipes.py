@@ -445,10 +445,7 @@ def test_batch_std_normalises_over_the_trained_groups():
         ("grpo.cispo_clip_high=-1", "grpo.cispo_clip_high", "a non-negative value"),
     ],
 )
-def test_bad_values_exit_2_before_any_actor_starts(monkeypatch, capsys, override, key, expected):
-    started = []
-    monkeypatch.setattr(cli, "_init_ray", lambda *a, **k: started.append("ray"))
-    monkeypatch.setattr("rayrl.trainer.train", lambda *a, **k: started.append("train"))
+def test_bad_values_exit_2_before_any_actor_starts(started, capsys, override, key, expected):
     code = cli.main(["train", str(TINY), "--model", "tiny-3", "--set", override])
     err = capsys.readouterr().err
     assert code == 2 and started == [], err
