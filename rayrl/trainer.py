@@ -205,6 +205,7 @@ class Run:
         self.updates = 0  # optimizer updates so far (vLLM holds them all after each sync)
         self.pending: Rollout | None = None  # the next step's rollout, made while this learns
         self.cursor = 0  # the schedule's next prompt: prompts drawn so far, pending's included
+        self.rules = reward_rules(cfg.rewards)  # rewards.custom, routed per row
         self.metrics = MetricsLog(run_dir / "metrics.parquet")
         self.warm = warm
         self.pools = start_pools(
@@ -258,7 +259,7 @@ class Run:
             )
             t_gen += time.perf_counter() - t0
             t0 = time.perf_counter()
-            to_score = reward_items(r_rows, r_groups, tok, reward_rules(self.cfg.rewards))
+            to_score = reward_items(r_rows, r_groups, tok, self.rules)
             verdicts = self.rewards.score(to_score)
             score = torch.tensor([v.score for v in verdicts])
             t_reward += time.perf_counter() - t0
@@ -360,7 +361,7 @@ class Run:
             self.tokenizer,
             self.cfg.grpo,
             10_000_019 + step,
-            reward_rules(self.cfg.rewards),
+            self.rules,
         )
 
     # --- the loop --------------------------------------------------------------------------

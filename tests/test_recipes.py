@@ -21,6 +21,7 @@ from rayrl.learner.grpo import (
 )
 from rayrl.learner.stats import SKIPPED
 from rayrl.metrics import HELD_OUT, MetricsLog, check_row, column_type, pass_at_column
+from rayrl.rewards.custom import reward_rules
 from rayrl.rewards.verdict import Verdict
 from rayrl.rollout.sync import SyncStats
 from rayrl.rollout.worker import Sample
@@ -331,6 +332,7 @@ def fake_run(prompts=4, **grpo) -> Run:
     run.train_prompts = [[i] for i in range(24)]
     run.rollout, run.rewards, run.learners = FakePool(), FakeRewards(), FakeLearners()
     run.updates, run.cursor, run.pending, run.n_params = 0, 0, None, 1000
+    run.rules = reward_rules(cfg.rewards)
     run.steps = cfg.grpo.steps
     return run
 

@@ -138,3 +138,17 @@ def test_the_draws_depend_on_the_range_not_on_how_yaml_spelled_it():
     floats = variants({"grpo.lr": {"loguniform": [5.0e-5, 5.0e-4]}}, 2, seed=0)
     strings = variants({"grpo.lr": {"loguniform": ["5e-05", "0.0005"]}}, 2, seed=0)
     assert floats == strings
+
+
+def test_a_tune_users_params_make_a_trial_of_its_variant():
+    """Study.trainable's params: dotted keys beside trial fields; the rest from the variant."""
+    from rayrl.study.tuner import trial_of
+
+    cfg = load_config(SMOKE)
+    trial, variant = trial_of({"model": "smoke-2", "grpo.clip_high": 0.28, "grpo.seed": 5}, cfg)
+    assert (trial.model, trial.family, trial.seed) == ("smoke-2", "base", 5)
+    assert trial.variant == "grpo.clip_high=0.28,grpo.seed=5"
+    assert variant.grpo.clip_high == 0.28 and cfg.grpo.clip_high == 0.2
+    study = cfg.trials()[0]
+    again, same = trial_of({"trial": study.to_params()}, cfg)
+    assert again == study and same.grpo == cfg.grpo

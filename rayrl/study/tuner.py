@@ -80,8 +80,7 @@ def run_trial(params: dict[str, Any], cfg: Config, study_dir: str) -> None:
     predicted final loss."""
     from rayrl.study.fitter import get_fitter, send_row
 
-    spec = trial_of(params, cfg)
-    cfg = cfg.with_overrides(dict(spec.overrides))  # the variant's config
+    spec, cfg = trial_of(params, cfg)  # the trial, and its variant's config
     fitter = get_fitter(study_dir)
     total_steps = cfg.grpo.steps
     x_col = x_column(cfg.study.x)
@@ -205,8 +204,8 @@ class Study:
         cfg = self.cfg
 
         def resources(params: dict[str, Any]) -> tune.PlacementGroupFactory:
-            t = trial_of(params, cfg)
-            return trial_resources(cfg.with_overrides(dict(t.overrides)), t.model, t.family)
+            t, variant = trial_of(params, cfg)
+            return trial_resources(variant, t.model, t.family)
 
         return tune.with_resources(
             tune.with_parameters(run_trial, cfg=cfg, study_dir=str(self.dir)), resources
@@ -266,15 +265,18 @@ class Study:
         return self.dir / "report.md"
 
 
-def trial_of(params: dict[str, Any], cfg: Config) -> Trial:
-    """The trial of a Tune trial's params: a study's ({"trial": ...}), or a user's param
-    space of dotted config keys beside Trial fields (the rest default to the config's)."""
+def trial_of(params: dict[str, Any], cfg: Config) -> tuple[Trial, Config]:
+    """The trial of a Tune trial's params, with its variant's config: a study's
+    ({"trial": ...}), or a user's param space of dotted config keys beside Trial fields (the
+    rest default to the variant's config)."""
     if "trial" in params:
-        return Trial.from_params(params["trial"])
+        trial = Trial.from_params(params["trial"])
+        return trial, cfg.with_overrides(dict(trial.overrides))
     fields = {"model", "family", "rollout_n", "reuse_factor", "seed"}
     overrides = {k: v for k, v in params.items() if k not in fields}
-    g = cfg.with_overrides(overrides).grpo
-    return Trial(
+    variant = cfg.with_overrides(overrides)
+    g = variant.grpo
+    trial = Trial(
         model=params.get("model") or cfg.study.models[0],
         family=params.get("family", cfg.study.family[0]),
         rollout_n=params.get("rollout_n", g.rollout_n),
@@ -282,6 +284,7 @@ def trial_of(params: dict[str, Any], cfg: Config) -> Trial:
         seed=params.get("seed", g.seed),
         overrides=tuple(sorted(overrides.items())),
     )
+    return trial, variant
 
 
 def run_study(cfg: Config, out_dir: str | None = None) -> Path:
