@@ -37,11 +37,14 @@ def test_report_shows_every_sizes_own_trend(tmp_path):
         assert cells[2].startswith(f"{law['k_hat'][i]:.4g} ± ")
         assert float(cells[4]) == round(law["r2_size"][i], 3)
     proto = fit["protocol"]
-    lo, hi = proto["k_ci"]
+    lo, hi = proto["k_pi"]
     assert (
         f"k predicted {proto['k_pred']:.3g} (90% interval {lo:.3g} to {hi:.3g}), "
         f"observed {proto['k_obs']:.3g}" in report
     )
+    # two seeds a size: the report says the run bootstrap cannot measure their spread
+    assert proto["few_runs"].startswith("4 of 4 sizes have fewer than 3 runs")
+    assert f"Interval caveat: {proto['few_runs']}." in report
     # the intra-model check from each run's first quarter, and the saturation verdict
     intra = json.loads((tmp_path / "fit_intra.json").read_text())["families"]["synthetic"]
     assert intra["protocol"]["fit_fraction"] == 0.25
@@ -131,8 +134,16 @@ def test_saturation_is_not_identified_on_a_ladder_below_the_knee(tmp_path):
     report = write_report(tmp_path).read_text()
 
     law = json.loads((tmp_path / "fit.json").read_text())["families"]["synthetic"]["laws"]
-    identified, verdict = saturation(law["compute"])
-    assert not identified and verdict.startswith("not identified: N0 = "), verdict
+    law = law["compute"]
+    identified, verdict = saturation(law)
+    # the N where the fitted k(N) reaches k_max / 2 (N0), its interval, and the ladder below it
+    lo, hi = law["ci"]["N0"]
+    assert not identified and law["N0"] > 2e9, verdict
+    assert verdict.startswith(
+        f"not identified: the fitted k(N) would reach half of k_max ({law['k_max']:.3g}) at "
+        f"N = N0 = {law['N0']:.3g} (90% CI {lo:.3g} to {hi:.3g})"
+    ), verdict
+    assert "stops below the knee" in verdict
     assert f"- saturation of k(N) on compute: {verdict}." in report
 
 

@@ -4,8 +4,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from rayrl.scaling.bootstrap import percentile_ci
 from rayrl.scaling.document import fit_table
-from rayrl.scaling.fit import FitError, MainFit, fit_main_law
+from rayrl.scaling.fit import FitError, MainFit, fit_main_law, solve
 from rayrl.scaling.laws import k_of_N
 from rayrl.scaling.synthetic import make_metrics
 from rayrl.scaling.table import MetricsError, to_points
@@ -84,6 +85,46 @@ def test_bootstrap_widens_for_few_runs_and_serialises(paper_table):
     assert np.all(k_lo <= fit.k(fit.sizes)) and np.all(fit.k(fit.sizes) <= k_hi)
     again = MainFit.from_dict(fit.to_dict())
     assert again.predict(72e9, 1e21) == fit.predict(72e9, 1e21)
+
+
+def test_run_bootstrap_covers_k_where_a_point_bootstrap_does_not():
+    """Seeds of a size differ in slope (k_jitter) and a run's points are autocorrelated, so
+    points are not independent draws: the whole-run bootstrap's 90% intervals for k(N) cover
+    the true k at most sizes, a bootstrap over points (each size's points resampled) far less."""
+    sizes = np.array([0.5e9, 1.5e9, 3e9, 7e9, 14e9, 32e9])
+    k_true = k_of_N(sizes, 0.135, 13.1e9)
+    run_cov, point_cov = [], []
+    for trial in range(10):
+        df = make_metrics(sizes=tuple(sizes), seeds=3, points=25, k_jitter=0.1, seed=2000 + trial)
+        p = to_points(df, "compute")
+        lo, hi = np.transpose(fit_main_law(p, n_boot=60, seed=trial).ci["k"])
+        run_cov.append(np.mean((lo <= k_true) & (k_true <= hi)))
+        rng = np.random.default_rng(trial)
+        sums = np.stack([np.ones_like(p.x), p.x, p.y, p.x**2, p.x * p.y, p.y**2], 1) * p.w[:, None]
+        draws = []
+        for _ in range(60):
+            S = np.stack(
+                [sums[rng.choice(np.flatnonzero(p.N == N), (p.N == N).sum())].sum(0) for N in sizes]
+            )
+            sol = solve(sizes, S)
+            draws.append(k_of_N(sizes, sol.k_max, sol.N0))
+        lo, hi = percentile_ci(np.array(draws), 0.9)
+        point_cov.append(np.mean((lo <= k_true) & (k_true <= hi)))
+    print(f"coverage of k(N): runs {np.mean(run_cov):.2f}, points {np.mean(point_cov):.2f}")
+    assert np.mean(run_cov) >= 0.7
+    assert np.mean(point_cov) <= 0.6
+
+
+def test_two_runs_a_size_keep_k_positive():
+    """With 2 seeds a size the small-sample widening is ~3-5x: widened on the log scale,
+    k_max, N0 and so k(N) stay positive (widened linearly, k_max's interval went below 0)."""
+    df = make_metrics(sizes=(0.5e9, 1e9, 2e9), N0=2e12, seeds=2, points=10, seed=5)
+    fit = fit_main_law(to_points(df, "compute"), n_boot=100)
+    assert fit.ci["widen"] > 3
+    assert np.all(np.asarray(fit.draws)[:, :2] > 0)
+    assert fit.ci["k_max"][0] > 0 and np.all(np.asarray(fit.ci["k"]) > 0)
+    # the parameters' intervals stop at the search box
+    assert fit.N0_bounds[0] <= fit.ci["N0"][0] and fit.ci["N0"][1] <= fit.N0_bounds[1] * (1 + 1e-9)
 
 
 def test_single_run_sizes_are_flagged(paper_table):

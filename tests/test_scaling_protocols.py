@@ -56,6 +56,28 @@ def test_inter_predicts_the_largest_models_k_and_curve(table):
     assert result["mae"] < 0.03 and result["coverage"] > 0.6
 
 
+def test_inter_intervals_for_two_seeds_stay_positive_and_say_they_are_weak():
+    """The tiny study's design (6 sizes, 2 seeds, ~25 evaluations a run, seeds that differ
+    in slope): k's intervals stay above 0, the observed slope is checked against an interval
+    that adds the held-out runs' own spread, and the result says 2 runs a size are too few."""
+    for trial in range(3):
+        df = make_metrics(
+            sizes=(0.5e9, 1.5e9, 3e9, 7e9, 14e9, 32e9),
+            seeds=2,
+            points=25,
+            k_jitter=0.1,
+            seed=40 + trial,
+        )
+        result = inter_model(to_points(df, "compute"), n_boot=100, seed=trial)
+        (lo, hi), (pi_lo, pi_hi) = result["k_ci"], result["k_pi"]
+        assert 0 < lo < result["k_pred"] < hi, result["k_ci"]
+        assert 0 <= pi_lo < result["k_pred"] < pi_hi
+        assert result["k_covered"] == (pi_lo <= result["k_obs"] <= pi_hi)
+        assert result["few_runs"].startswith("6 of 6 sizes have fewer than 3 runs")
+    three = make_metrics(sizes=(0.5e9, 3e9, 14e9, 72e9), seeds=3, points=12, seed=1)
+    assert inter_model(to_points(three, "compute"), n_boot=20)["few_runs"] is None
+
+
 def test_inter_needs_enough_sizes_below_the_largest(table):
     with pytest.raises(FitError, match="model size"):
         inter_model(to_points(table[table["n_params"] >= 14e9], "compute"))

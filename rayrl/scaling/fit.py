@@ -272,17 +272,31 @@ def saturation(law: dict) -> tuple[bool, str]:
     lo, hi = (law.get("ci") or {}).get("N0") or (float("nan"), float("nan"))
     b_lo, b_hi = law["N0_bounds"]
     span = f"the sizes' span {min(sizes):.3g} to {max(sizes):.3g}"
-    if not min(sizes) <= N0 <= max(sizes):
-        why = (
-            "every size is past the knee (k(N) near k_max throughout), so N0 is extrapolated"
-            if N0 < min(sizes)
-            else "no size reaches the knee, so k_max is extrapolated beyond the largest size"
+    at_lo = np.isfinite(lo) and np.log10(lo) - np.log10(b_lo) < AT_BOUND
+    at_hi = np.isfinite(hi) and np.log10(b_hi) - np.log10(hi) < AT_BOUND
+    if N0 > max(sizes):
+        # k(N0) = k_max / 2: where the fitted k(N) would turn over, past the largest size.
+        ci = f"{law['level']:.0%} CI {lo:.3g} to {hi:.3g}" if np.isfinite(lo) else "no interval"
+        bound = (
+            f"; N0 sits at its search bound {b_hi:.3g}, so only N0 > {max(sizes):.3g} is known"
+            if np.log10(b_hi) - np.log10(N0) < AT_BOUND
+            else f"; its interval reaches the search bound {b_hi:.3g}: no upper limit"
+            if at_hi
+            else ""
         )
-        where = "below" if N0 < min(sizes) else "above"
-        return False, f"not identified: N0 = {N0:.3g} lies {where} {span}: {why}"
+        return False, (
+            f"not identified: the fitted k(N) would reach half of k_max ({law['k_max']:.3g}) at "
+            f"N = N0 = {N0:.3g} ({ci}), {N0 / max(sizes):.3g}x the largest size; the ladder "
+            f"({span}) stops below the knee{bound}"
+        )
+    if N0 < min(sizes):
+        return False, (
+            f"not identified: N0 = {N0:.3g} lies below {span}: every size is past the knee "
+            "(k(N) near k_max throughout), so N0 is extrapolated"
+        )
     if not np.isfinite(lo):
         return False, f"not identified: N0 = {N0:.3g} is inside {span}, but has no interval"
-    if np.log10(lo) - np.log10(b_lo) < AT_BOUND or np.log10(b_hi) - np.log10(hi) < AT_BOUND:
+    if at_lo or at_hi:
         return False, (
             f"not identified: N0 = {N0:.3g} is inside {span}, but its {law['level']:.0%} interval "
             f"{lo:.3g} to {hi:.3g} reaches a search bound ({b_lo:.3g}, {b_hi:.3g})"
@@ -342,11 +356,15 @@ def _bootstrap(
     nu = satterthwaite_dof(jack, size_of_run)
     widen = small_sample_factor(size_of_run, nu, level)
     draws = draws[~np.isnan(draws[:, 0])]
-    draws[:, 1] = np.log(draws[:, 1])  # N0 is widened on the log scale
-    center = np.r_[sol.k_max, np.log(sol.N0), sol.E_params]
+    # k_max and N0 are widened on the log scale: both are positive, so k(N) > 0 in every draw
+    # (widened linearly, k_max went negative with 2 runs a size, where widen is ~3).
+    draws[:, :2] = np.log(draws[:, :2])
+    center = np.r_[np.log(sol.k_max), np.log(sol.N0), sol.E_params]
     draws = center + widen * (draws - center)
-    draws[:, 1] = np.exp(draws[:, 1])
-    ci = percentile_ci(draws[:, :2], level)
+    draws[:, :2] = np.exp(draws[:, :2])
+    # The parameters' intervals stop at the search box (the fit never returns a value outside
+    # it); the draws are not clipped, which would break k_max and N0's correlation in k(N).
+    ci = np.clip(percentile_ci(draws[:, :2], level), 10**sol.lo, 10**sol.hi)
     return draws, {
         "level": level,
         "n_boot": n_boot,

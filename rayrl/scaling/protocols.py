@@ -26,6 +26,7 @@ from rayrl.scaling.fit import (
 from rayrl.scaling.table import Points
 
 MIN_OWN_NOISE = 5  # below this many points a run borrows the cross-run residual SD
+MIN_BOOT_RUNS = 3  # runs a size needs before a whole-run bootstrap sees its spread
 
 
 @dataclass
@@ -186,6 +187,24 @@ def intra_model(p: Points, fit_fraction: float = 0.25, level: float = 0.9) -> di
     }
 
 
+def few_runs(p: Points, law: MainFit) -> str | None:
+    """Why the run bootstrap's intervals are weak, or None: a size with fewer than
+    MIN_BOOT_RUNS runs has at most a handful of distinct resamples (2 runs: 3), so its
+    run-to-run spread rests on one degree of freedom and the interval on the t widening."""
+    n = pd.Series(p.run_id).groupby(p.N).nunique()
+    short = n[n < MIN_BOOT_RUNS]
+    if short.empty:
+        return None
+    ci = law.ci or {}
+    return (
+        f"{len(short)} of {len(n)} sizes have fewer than {MIN_BOOT_RUNS} runs "
+        f"({', '.join(f'{N:.3g}: {c}' for N, c in short.items())}), too few for a whole-run "
+        f"bootstrap to measure their spread: the intervals rest on {ci.get('dof', float('nan')):.2g} "
+        f"degrees of freedom, widened {ci.get('widen', float('nan')):.2g}x; run "
+        f"{MIN_BOOT_RUNS} seeds a size for intervals to trust"
+    )
+
+
 def inter_model(
     p: Points,
     level: float = 0.9,
@@ -202,6 +221,14 @@ def inter_model(
     k_lo, k_hi = percentile_ci(k_b, level)
     # The largest size's own slope, runs pooled, with its run-to-run standard error.
     runs, _, S_run = run_sums(big)
+    # What the observed pooled slope adds to k(N_big)'s error: the between-run spread and each
+    # run's slope noise, as seen at the largest fitted size (k_var = (tau^2 + v) / runs there),
+    # over the held-out size's runs. Draws below 0 are cut: the law's k is positive.
+    n_last = len(np.unique(p.run_id[p.N == law.sizes[-1]]))
+    obs_sd = np.sqrt(law.k_var[-1] * n_last / len(runs))
+    rng = np.random.default_rng(seed)
+    k_obs_b = np.maximum(k_b + obs_sd * rng.standard_normal(len(k_b)), 0.0)
+    pi_lo, pi_hi = percentile_ci(k_obs_b, level)
     _, _, _, Sxx, Sxy, _ = centred(S_run.sum(axis=0))
     _, _, _, Sxx_r, Sxy_r, _ = centred(S_run)
     k_runs = -Sxy_r / Sxx_r
@@ -250,10 +277,12 @@ def inter_model(
             "ci": law.ci,
         },
         "k_pred": k_pred,
-        "k_ci": [float(k_lo), float(k_hi)],
+        "k_ci": [float(k_lo), float(k_hi)],  # k(N_big) of the law
+        "k_pi": [float(pi_lo), float(pi_hi)],  # the observed pooled slope of N_big's runs
         "k_obs": k_obs,
         "k_obs_se": k_obs_se,
-        "k_covered": bool(k_lo <= k_obs <= k_hi),
+        "k_covered": bool(pi_lo <= k_obs <= pi_hi),
+        "few_runs": few_runs(p, law),
         **_errors(predictions),
         "warnings": law.warnings,
         "predictions": predictions,

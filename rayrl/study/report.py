@@ -274,15 +274,19 @@ def _protocol_line(proto: dict[str, Any]) -> str:
     if "error" in proto:
         return f"Inter-model protocol: not run ({proto['error']})."
     se = proto.get("k_obs_se")
-    lo, hi = proto["k_ci"]
+    lo, hi = proto["k_pi"]
+    law_lo, law_hi = proto["k_ci"]
+    few = f" Interval caveat: {proto['few_runs']}." if proto.get("few_runs") else ""
     return (
         f"Inter-model protocol (fit every size but the largest, N = {proto['N_held_out']:.3g}, "
-        f"then predict its curve from its first {proto['anchor_points']} evaluations): "
+        f"then predict its curve from its first {proto['anchor_points']} evaluations; intervals "
+        f"from a bootstrap over whole runs within each size): "
         f"k predicted {proto['k_pred']:.3g} ({proto['level']:.0%} interval {lo:.3g} to {hi:.3g}), "
         f"observed {proto['k_obs']:.3g}{f' ± {se:.2g}' if se is not None else ''} "
-        f"({'inside' if proto['k_covered'] else 'outside'} the interval); "
+        f"({'inside' if proto['k_covered'] else 'outside'} the interval; the law's k(N) alone, "
+        f"without the held-out runs' own spread: {law_lo:.3g} to {law_hi:.3g}); "
         f"held-out loss MAE {proto['mae']:.3g}, max error {proto['max_error']:.3g}, "
-        f"{proto['coverage']:.0%} of {proto['n_held_out']} points inside their intervals."
+        f"{proto['coverage']:.0%} of {proto['n_held_out']} points inside their intervals.{few}"
     )
 
 
