@@ -130,3 +130,14 @@ def test_a_form_with_as_many_parameters_as_points_is_not_scored(table):
     assert "mae" not in result["forms"][-1]
     assert "free parameters for 1 training points" in errors["decomposition (app. D)"]
     assert "one distinct X" in errors["per-size power law"]
+
+
+def test_a_law_with_no_seen_spread_is_a_sharp_prior_not_a_crash(table):
+    """One run a size on exact lines: no between-run spread and no slope error (the live
+    fitter early in a 1-seed study divided by zero here); the run's k is k(N)."""
+    law = fit_main_law(to_points(table[table["seed"] == 0], "compute"))
+    law.k_spread, law.k_var = 0.0, [0.0] * len(law.k_var)
+    run = table[(table["run_id"] == table["run_id"].iloc[0])].head(4)
+    N = float(run["n_params"].iloc[0])
+    rf = fit_run(run["compute_flops"].to_numpy(float), run["test_loss"].to_numpy(float), law, N)
+    assert abs(rf.k - float(law.k(N))) < 1e-6 and rf.source == "run+prior"

@@ -79,8 +79,10 @@ def fit_run(
         j = int(np.argmin(np.abs(np.log(np.asarray(law.sizes) / N))))  # nearest fitted size
         # A run's slope differs from k(N) by the between-run spread and the error in k(N).
         prior_k = float(law.k(N))
-        prior_prec = 1 / (
-            law.k_spread**2 + (float(np.var(law.k_draws(N))) if law.draws else law.k_var[j])
+        # Floored: one run a size with an exact line (e.g. 3 points) shows no spread at all.
+        prior_prec = 1 / max(
+            law.k_spread**2 + (float(np.var(law.k_draws(N))) if law.draws else law.k_var[j]),
+            1e-12,
         )
         s, infl = law.resid_sd[j], law.ar_infl
     s_L = None if s is None else s * np.exp(ybar)
