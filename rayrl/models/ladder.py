@@ -25,6 +25,7 @@ from tqdm import tqdm
 from rayrl.config import Config, ModelSpec
 from rayrl.data.synthetic import completion_text, corpus_level, draw_pair, prompt_text
 from rayrl.models.entry import ENTRY_FILE, LadderEntry
+from rayrl.storage import write_bytes_atomic
 
 __all__ = ["LadderEntry", "build_ladder", "format_table", "ladder_dir", "model_path"]
 
@@ -216,4 +217,5 @@ def _write_manifest(root: Path, entries: list[LadderEntry]) -> None:
     known = json.loads(manifest.read_text()) if manifest.is_file() else {}
     known.update({e.name: asdict(e) for e in entries})
     root.mkdir(parents=True, exist_ok=True)
-    manifest.write_text(json.dumps(known, indent=1))
+    # Atomic: another process (a second study, a test worker) may read it mid-write.
+    write_bytes_atomic(manifest, json.dumps(known, indent=1).encode())
