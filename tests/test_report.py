@@ -7,9 +7,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from rayrl.scaling.fit import saturation
+from rayrl.scaling.fit import fit_main_law, saturation
+from rayrl.scaling.protocols import inter_model
 from rayrl.scaling.synthetic import make_metrics, make_reuse_metrics
-from rayrl.study.report import write_report
+from rayrl.scaling.table import to_points
+from rayrl.study.report import _law_line, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -145,6 +147,19 @@ def test_saturation_is_not_identified_on_a_ladder_below_the_knee(tmp_path):
     ), verdict
     assert "stops below the knee" in verdict
     assert f"- saturation of k(N) on compute: {verdict}." in report
+
+
+def test_one_run_a_size_claims_no_interval():
+    """With one seed a size the whole-run bootstrap redraws the fit itself (zero-width
+    intervals): the law line, the saturation verdict and the inter-model check say so."""
+    table = make_metrics(sizes=(0.5e9, 3e9, 14e9, 72e9), seeds=1, points=12, seed=3)
+    law = fit_main_law(to_points(table, "compute"), n_boot=20).to_dict()
+    line = _law_line({"laws": {"compute": law}}, "compute")
+    assert "k_max = " in line and "(no interval: no size has 2 runs to resample)" in line
+    identified, verdict = saturation(law)
+    assert not identified and verdict.endswith("but has no interval"), verdict
+    proto = inter_model(to_points(table, "compute"), n_boot=20)
+    assert proto["few_runs"].startswith("every size has one run")
 
 
 def test_runs_table_splits_the_loss_into_format_and_wrong_answers(tmp_path):

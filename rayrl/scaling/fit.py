@@ -269,14 +269,17 @@ def saturation(law: dict) -> tuple[bool, str]:
     """Is k(N)'s saturation identified? Yes when N0 lies inside the fitted sizes' span and
     its interval stays clear of the search bounds; the sentence says which test failed."""
     N0, sizes = law["N0"], law["sizes"]
-    lo, hi = (law.get("ci") or {}).get("N0") or (float("nan"), float("nan"))
+    ci = law.get("ci") or {}
+    lo, hi = ci.get("N0") or (float("nan"), float("nan"))
+    if ci and not (ci.get("dof") or 0) > 0:  # no size has 2 runs: the draws are the fit itself
+        lo = hi = float("nan")
     b_lo, b_hi = law["N0_bounds"]
     span = f"the sizes' span {min(sizes):.3g} to {max(sizes):.3g}"
     at_lo = np.isfinite(lo) and np.log10(lo) - np.log10(b_lo) < AT_BOUND
     at_hi = np.isfinite(hi) and np.log10(b_hi) - np.log10(hi) < AT_BOUND
     if N0 > max(sizes):
         # k(N0) = k_max / 2: where the fitted k(N) would turn over, past the largest size.
-        ci = f"{law['level']:.0%} CI {lo:.3g} to {hi:.3g}" if np.isfinite(lo) else "no interval"
+        where = f"{law['level']:.0%} CI {lo:.3g} to {hi:.3g}" if np.isfinite(lo) else "no interval"
         bound = (
             f"; N0 sits at its search bound {b_hi:.3g}, so only N0 > {max(sizes):.3g} is known"
             if np.log10(b_hi) - np.log10(N0) < AT_BOUND
@@ -286,7 +289,7 @@ def saturation(law: dict) -> tuple[bool, str]:
         )
         return False, (
             f"not identified: the fitted k(N) would reach half of k_max ({law['k_max']:.3g}) at "
-            f"N = N0 = {N0:.3g} ({ci}), {N0 / max(sizes):.3g}x the largest size; the ladder "
+            f"N = N0 = {N0:.3g} ({where}), {N0 / max(sizes):.3g}x the largest size; the ladder "
             f"({span}) stops below the knee{bound}"
         )
     if N0 < min(sizes):

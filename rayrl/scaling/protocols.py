@@ -198,6 +198,11 @@ def few_runs(p: Points, law: MainFit) -> str | None:
     if short.empty:
         return None
     ci = law.ci or {}
+    if (n == 1).all():
+        return (
+            f"every size has one run: a whole-run bootstrap can only redraw the fit itself, so "
+            f"there are no intervals; run {MIN_BOOT_RUNS} seeds a size for intervals to trust"
+        )
     return (
         f"{len(short)} of {len(n)} sizes have fewer than {MIN_BOOT_RUNS} runs "
         f"({', '.join(f'{N:.3g}: {c}' for N, c in short.items())}), too few for a whole-run "

@@ -235,9 +235,11 @@ def _law_line(summary: dict[str, Any], axis: str) -> str:
     law = summary.get("laws", {}).get(axis)
     if not law:
         return f"- {axis}: no law fitted ({summary.get('error') or summary.get('status')})"
-    ci = law.get("ci", {})
+    ci = law.get("ci") or {}
 
     def fmt(name: str) -> str:
+        if ci and not (ci.get("dof") or 0) > 0:  # NaN (null in JSON): no size has 2 runs
+            return f"{name} = {law[name]:.4g} (no interval: no size has 2 runs to resample)"
         lo, hi = (ci.get(name) or [float("nan"), float("nan")])[:2]
         return f"{name} = {law[name]:.4g} (90% CI {lo:.4g} to {hi:.4g})"
 
