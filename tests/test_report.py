@@ -38,6 +38,11 @@ def test_report_shows_every_sizes_own_trend(tmp_path):
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert cells[2].startswith(f"{law['k_hat'][i]:.4g} ± ")
         assert float(cells[4]) == round(law["r2_size"][i], 3)
+    ci = law["ci"]
+    assert (
+        f"{law['n_models']} sizes; intervals from {ci['n_boot']} whole-run resamples within "
+        f"sizes, widened {ci['widen']:.2g}x for {ci['dof']:.2g} degrees of freedom" in report
+    )
     proto = fit["protocol"]
     lo, hi = proto["k_pi"]
     assert (

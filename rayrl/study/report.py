@@ -243,9 +243,17 @@ def _law_line(summary: dict[str, Any], axis: str) -> str:
         lo, hi = (ci.get(name) or [float("nan"), float("nan")])[:2]
         return f"{name} = {law[name]:.4g} (90% CI {lo:.4g} to {hi:.4g})"
 
+    # How far the whole-run draws were widened, and on how many degrees of freedom of
+    # run-to-run spread: 2 runs a size give about 1, and the interval is mostly that widening.
+    widened = (
+        f"; intervals from {ci['n_boot']} whole-run resamples within sizes, widened "
+        f"{ci['widen']:.2g}x for {ci['dof']:.2g} degrees of freedom of run-to-run spread"
+        if (ci.get("dof") or 0) > 0
+        else ""
+    )
     return (
         f"- {axis}: {fmt('k_max')}, {fmt('N0')}; R² = {law['r2']:.3f}, loss = {law['cost']:.4g}, "
-        f"{law['n_points']} points from {law['n_runs']} runs of {law['n_models']} sizes"
+        f"{law['n_points']} points from {law['n_runs']} runs of {law['n_models']} sizes{widened}"
     )
 
 
