@@ -28,7 +28,7 @@ FAMILY = "synthetic"  # make_metrics' family
 
 
 def on_disk(out_dir) -> pd.DataFrame:
-    return pd.concat([pd.read_parquet(f) for f in sorted((out_dir / "rows").glob("*.parquet"))])
+    return pd.DataFrame(fitter_module.held_on_disk(out_dir / "rows")[0])
 
 
 def wait_for(predicate, timeout=60.0):

@@ -5,11 +5,13 @@ the same study.name on one cluster never share one; started by the study's drive
 (start_fitter, which replaces a leftover of a crashed driver, so a resumed study gets a
 fresh actor that reloads its rows from disk) and stopped when the study ends (stop_fitter).
 
-add_rows writes each batch to its own parquet part file (fsynced, atomically renamed)
-before it returns, so a restart (max_restarts=-1) reloads every acknowledged row from
-out_dir. Parts are compacted now and then into one file that names the last part it
-holds; reloading takes the newest compact file plus the parts after it. Rows are keyed by
-(run_id, step), last write wins, so a retried add_rows is harmless.
+add_rows appends each batch to a log (one JSON line per row, fsynced) before it returns,
+so a restart (max_restarts=-1) reloads every acknowledged row from out_dir. Once a log
+holds as many rows as the table, the table is written to one compact parquet file named
+by the last log it holds, and a new log starts: reloading takes the newest compact file
+plus the logs after it. Rows are keyed by (run_id, step), last write wins, so a retried
+add_rows is harmless; the key index lives in memory, so a call costs the same at any table
+size (tools/bench_fitter.py).
 
 A background thread refits when rows arrive, at most once per min_interval_s, and writes
 out_dir/fit.json in the format of `rayrl fit` (so `rayrl plan` reads it). Queries serve the
@@ -23,6 +25,7 @@ asking again.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import re
 import threading
@@ -48,15 +51,58 @@ from rayrl.scaling.document import fit_table, laws_of, without_draws, write_json
 from rayrl.scaling.fit import FitError, MainFit
 from rayrl.scaling.planner import best_size, reuse_study
 from rayrl.scaling.protocols import RunFit, fit_run
-from rayrl.storage import replace_atomic
+from rayrl.storage import append_line, fsync_dir, replace_atomic
 
 log = logging.getLogger(__name__)
 
 NAMESPACE = "rayrl"
 KEY = ["run_id", "step"]
-COMPACT_AFTER = 64  # part files before they are merged into one
+COMPACT_AFTER = 4096  # rows logged, at the least, before the table is compacted
 ROW_TIMEOUT_S = 60.0  # how long a trial waits for its forecast before reporting without one
-PART = re.compile(r"(part|compact)-(\d+)\.parquet")
+# log-N.jsonl: rows as acknowledged; compact-N: the table through log N; part-N: older studies'.
+PART = re.compile(r"(part|compact|log)-(\d+)\.(parquet|jsonl)")
+Key = tuple[str, int]
+
+
+def _key(row: dict) -> Key:
+    return str(row["run_id"]), int(row["step"])
+
+
+def _plain(value: Any) -> Any:
+    """A numpy scalar as the Python value JSON can write."""
+    return value.item() if hasattr(value, "item") else str(value)
+
+
+def read_log(path: Path) -> list[dict]:
+    """A log's rows; a torn last line (a kill during its write, never acknowledged) is left
+    out."""
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            log.warning("fitter: %s ends in a torn line (never acknowledged); left out", path)
+    return rows
+
+
+def held_on_disk(parts_dir: str | Path) -> tuple[list[dict], int]:
+    """Every row the files in parts_dir hold (newest compact file, then the logs and parts
+    after it, in order; later rows win by key), and the last sequence number used."""
+    files = sorted(
+        (int(m.group(2)), m.group(1), f)
+        for f in Path(parts_dir).iterdir()
+        if (m := PART.fullmatch(f.name))
+    )
+    compacts = [(seq, f) for seq, kind, f in files if kind == "compact"]
+    since = compacts[-1][0] if compacts else 0
+    rows: dict[Key, dict] = {}
+    batches = [pd.read_parquet(compacts[-1][1]).to_dict("records")] if compacts else []
+    for seq, kind, f in files:
+        if seq > since and kind != "compact":
+            batches.append(read_log(f) if kind == "log" else pd.read_parquet(f).to_dict("records"))
+    for batch in batches:
+        rows.update((_key(r), r) for r in batch)
+    return list(rows.values()), max([since] + [seq for seq, _, _ in files])
 
 
 def _write_parquet(df: pd.DataFrame, path: Path) -> None:
@@ -126,56 +172,79 @@ class Fitter:
         self.parts_dir.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()  # guards rows and the fit
         self._fit_lock = threading.Lock()  # one refit at a time
-        self._rows, self._seq = self._load()
+        # Rows by key, and the same rows by run (forecast reads one run), built once per batch
+        # from the batch alone; the table is made from them when a fit or a query needs it.
+        self._by_key: dict[Key, dict] = {}
+        self._by_run: dict[str, dict[int, dict]] = {}
+        self._version, self._table = 0, (-1, pd.DataFrame())
+        held, self._seq = held_on_disk(self.parts_dir)
+        self._hold(held)
+        self._logged = 0  # rows in the current log
+        self._new_log()  # never append after a torn line
         self._doc: dict | None = None
         self._laws: dict[LawKey, MainFit] = {}
         self._fitted_rows = 0
         self._last_fit = 0.0
         self._dirty = threading.Event()
-        if len(self._rows):
+        if self._by_key:
             self._dirty.set()
         threading.Thread(target=self._refit_loop, daemon=True).start()
 
-    def _load(self) -> tuple[pd.DataFrame, int]:
-        files = sorted(
-            (int(m.group(2)), m.group(1), f)
-            for f in self.parts_dir.iterdir()
-            if (m := PART.fullmatch(f.name))
-        )
-        compacts = [(seq, f) for seq, kind, f in files if kind == "compact"]
-        since = compacts[-1][0] if compacts else 0
-        keep = ([compacts[-1][1]] if compacts else []) + [
-            f for seq, kind, f in files if kind == "part" and seq > since
-        ]
-        frames = [pd.read_parquet(f) for f in keep]
-        rows = (
-            pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(REQUIRED))
-        )
-        last_seq = max([since] + [seq for seq, _, _ in files])
-        return rows.drop_duplicates(KEY, keep="last").reset_index(drop=True), last_seq
+    def _hold(self, rows: list[dict]) -> None:
+        """Take rows into the in-memory table, later ones winning by key (caller holds _lock
+        or is __init__)."""
+        for row in rows:
+            run_id, step = key = _key(row)
+            self._by_key[key] = row
+            self._by_run.setdefault(run_id, {})[step] = row
+        self._version += 1
+
+    @property
+    def _rows(self) -> pd.DataFrame:
+        """Every row held, as one table, made again only after rows arrived."""
+        with self._lock:
+            version, table = self._table
+            if version != self._version:
+                rows = list(self._by_key.values())
+                table = pd.DataFrame(rows) if rows else pd.DataFrame(columns=list(REQUIRED))
+                self._table = self._version, table
+            return table
+
+    def _new_log(self) -> None:
+        """Start log-<seq+1>, its directory entry on disk before any row is acknowledged in
+        it."""
+        self._seq += 1
+        self._log = self.parts_dir / f"log-{self._seq:08d}.jsonl"
+        self._log.touch()
+        fsync_dir(self.parts_dir)
+        self._logged = 0
 
     def _compact(self) -> None:
-        """Merge everything into compact-<seq>, then drop what it replaces (caller holds _lock)."""
-        _write_parquet(self._rows, self.parts_dir / f"compact-{self._seq:08d}.parquet")
+        """Write the table through the current log as compact-<seq>, then drop the files it
+        replaces and start a new log. Once a log holds as many rows as the table, so each
+        row is rewritten a bounded number of times on average (caller holds _lock)."""
+        rows = list(self._by_key.values())
+        name = f"compact-{self._seq:08d}.parquet"
+        _write_parquet(pd.DataFrame(rows), self.parts_dir / name)
         for f in self.parts_dir.iterdir():
             m = PART.fullmatch(f.name)
-            if m and int(m.group(2)) <= self._seq and f.name != f"compact-{self._seq:08d}.parquet":
+            if m and int(m.group(2)) <= self._seq and f.name != name:
                 f.unlink()
+        self._new_log()
 
     def add_rows(self, rows: list[dict]) -> int:
         """Persist a batch of metric rows, then acknowledge with the number of rows held."""
-        batch = pd.DataFrame(rows)
-        if batch.empty:
-            return len(self._rows)
-        check_columns(batch, "add_rows")
+        if not rows:
+            return len(self._by_key)
+        check_columns(pd.DataFrame(rows), "add_rows")
+        lines = "\n".join(json.dumps(r, default=_plain) for r in rows)
         with self._lock:
-            self._seq += 1
-            _write_parquet(batch, self.parts_dir / f"part-{self._seq:08d}.parquet")
-            merged = pd.concat([self._rows, batch], ignore_index=True)
-            self._rows = merged.drop_duplicates(KEY, keep="last").reset_index(drop=True)
-            if sum(1 for f in self.parts_dir.glob("part-*.parquet")) >= COMPACT_AFTER:
+            append_line(self._log, lines)  # fsynced: acknowledged rows survive a kill
+            self._hold([json.loads(line) for line in lines.splitlines()])
+            self._logged += len(rows)
+            if self._logged >= max(COMPACT_AFTER, len(self._by_key)):
                 self._compact()
-            n = len(self._rows)
+            n = len(self._by_key)
         self._dirty.set()
         return n
 
@@ -193,8 +262,7 @@ class Fitter:
     def refit(self) -> dict:
         """Fit now on every row held; returns summary()."""
         with self._fit_lock:
-            with self._lock:
-                rows = self._rows.copy()
+            rows = self._rows.copy()  # the fit may add columns
             doc, laws = {"status": "empty", "families": {}}, {}
             if len(rows):
                 try:
@@ -224,8 +292,7 @@ class Fitter:
         """Row counts, staleness and the latest fit (without bootstrap draws)."""
         doc, _ = self._current()
         with self._lock:
-            n_rows = len(self._rows)
-            n_runs = int(self._rows["run_id"].nunique()) if n_rows else 0
+            n_rows, n_runs = len(self._by_key), len(self._by_run)
         return {
             **without_draws(doc),
             "n_rows": n_rows,
@@ -260,8 +327,8 @@ class Fitter:
                     if key in laws
                     else {"error": f"no {axis}-axis law for {family!r}"}
                 )
-        with self._lock:
-            rows = self._rows[law_groups(self._rows) == family]
+        table = self._rows
+        rows = table[law_groups(table) == family]
         if rows["reuse_factor"].nunique() > 1:
             out["reuse"] = reuse_study(rows)
         return out
@@ -286,14 +353,13 @@ class Fitter:
         """A run's forecast from every row it has sent, None while it has none."""
         _, laws = self._current()
         with self._lock:
-            run = self._rows[self._rows["run_id"].astype(str) == str(run_id)]
-        return self._forecast(run, laws)
+            run = list(self._by_run.get(str(run_id), {}).values())
+        return self._forecast(pd.DataFrame(run), laws) if run else None
 
     def snapshot(self) -> dict[str, Forecast]:
         """Every run's forecast, by run id (runs without one are left out)."""
         _, laws = self._current()
-        with self._lock:
-            rows = self._rows.copy()
+        rows = self._rows
         out = {}
         for run_id, run in rows.groupby(rows["run_id"].astype(str)):
             forecast = self._forecast(run, laws)
@@ -303,8 +369,7 @@ class Fitter:
 
     def rows(self) -> list[dict]:
         """Every row held, as dicts (NaN where a batch lacked a column)."""
-        with self._lock:
-            return self._rows.replace({np.nan: None}).to_dict("records")
+        return self._rows.replace({np.nan: None}).to_dict("records")
 
 
 # max_task_retries: calls in flight when the actor dies run again after the restart; add_rows
