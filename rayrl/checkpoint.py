@@ -297,9 +297,15 @@ def export(path: Path, out: Path, model_dir: str | None = None) -> Path:
     return out
 
 
-def export_final(run_dir: Path, step: int, model_dir: str, trained: bool) -> Path | None:
+def export_final(
+    run_dir: Path, step: int, model_dir: str, trained: bool, enabled: bool = True
+) -> Path | None:
     """The run's final policy as RUN_DIR/hf, from its last checkpoint: after a run that
-    `trained` up to it, or where it is missing (a run finished before exports)."""
+    `trained` up to it, or where it is missing (a run finished before exports). Not
+    `enabled` (grpo.export_final false): a pointer to `rayrl export` instead."""
+    if not enabled:
+        print(f"{run_dir}: no final export (grpo.export_final false); `rayrl export {run_dir}`")
+        return None
     out, last = Path(run_dir) / HF_EXPORT, folder(Path(run_dir) / CHECKPOINTS, step)
     if not trained and (out.exists() or not (last / MANIFEST).exists()):
         return None

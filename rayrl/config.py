@@ -161,6 +161,10 @@ class GRPOConfig:
     # Complete checkpoints kept per run (rayrl/checkpoint.py): older ones are deleted once a
     # newer one is complete. 2 leaves one to fall back to if the newest turns out corrupt.
     checkpoint_keep: int = 2
+    # Write the final policy as RUN_DIR/hf when the run ends. It builds full fp32 weights in
+    # the trial's process, which a ZeRO-3 run of a large model cannot hold: false leaves the
+    # sharded checkpoints, and `rayrl export RUN_DIR` builds it where memory allows.
+    export_final: bool = True
     seed: int = 0
     # 1 overlaps the loop: step t+1 generates while step t learns, so its samples are one
     # update stale. 0 is the paper's synchronous loop.

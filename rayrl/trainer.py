@@ -439,7 +439,7 @@ class Run:
         bar.close()
         # The final policy as an HF directory (transformers, vLLM), from the last checkpoint.
         trained = start < state["step"]
-        checkpoint.export_final(self.dir, state["step"], self.model_dir, trained)
+        checkpoint.export_final(self.dir, state["step"], self.model_dir, trained, g.export_final)
         return self.dir
 
     def _record(

@@ -246,3 +246,13 @@ def test_the_dry_runs_storage_estimate_counts_the_kept_checkpoints():
     assert t3 - t2 == pytest.approx(t2 - t1, rel=0.03)
     assert t2 - t1 == pytest.approx(t1 * 7 / 8, rel=0.03)
     assert t2 < 20 < 3 * 10 * one["checkpoints"] / 2**40  # keep 2 fits; 3 seeds x 10 do not
+
+
+def test_a_run_with_export_final_off_leaves_a_pointer_not_an_export(tmp_path, capsys):
+    """grpo.export_final false (a ZeRO-3 run too large for one process's fp32 weights): no
+    RUN_DIR/hf is built, and the log says how to build it."""
+    cfg = load_config(ROOT / "configs" / "smoke.yaml", {"grpo.export_final": False})
+    assert cfg.grpo.export_final is False
+    out = checkpoint.export_final(tmp_path, 6, "unused", trained=True, enabled=False)
+    assert out is None and not (tmp_path / "hf").exists()
+    assert f"rayrl export {tmp_path}" in capsys.readouterr().out
