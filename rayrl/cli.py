@@ -42,7 +42,9 @@ def _init_ray(
             connect()
         else:
             cpus = num_cpus or max(os.cpu_count() or 1, math.ceil(per_run * runs))
-            ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+            # "local": a new Ray of its own, never one that `ray start` left on this machine
+            # (ray.init's default joins that and then refuses num_cpus).
+            ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
     have = ray.cluster_resources().get("CPU", 0.0)
     # A local Ray that rayrl started is what it is (its monitor has no node types to add).
     if have < per_run and not (joined and can_scale_to(per_run, run_bundles(cfg, models))):

@@ -27,6 +27,7 @@ def ray_session():
 
     if not ray.is_initialized():
         ray.init(
+            address="local",  # never a head another test (or test worker) started with `ray start`
             num_cpus=4,
             include_dashboard=False,
             log_to_driver=False,

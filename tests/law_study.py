@@ -106,6 +106,7 @@ def main(out: Path) -> None:
     import ray
 
     ray.init(
+        address="local",
         num_cpus=4,
         include_dashboard=False,
         log_to_driver=False,

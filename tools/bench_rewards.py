@@ -121,7 +121,7 @@ def bench_pool(items, workers: int) -> tuple[float, dict]:
 
     from rayrl.rewards.pool import RewardPool
 
-    ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=workers, include_dashboard=False, log_to_driver=False)
     pool = RewardPool(num_workers=workers, num_cpus_per_worker=1)
     start = time.perf_counter()
     pool.score(items)

@@ -79,7 +79,7 @@ def main() -> None:
     ap.add_argument("--tune-model", default="rand-25m")
     args = ap.parse_args()
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     t0 = time.perf_counter()
     result = {"machine_before": machine(), "torch_threads": torch.get_num_threads()}
     result["models"] = [
