@@ -38,6 +38,13 @@ class OutOfSpace(OSError):
     def __reduce__(self) -> tuple:  # through Ray's pickling as itself
         return OutOfSpace, (self.directory, self.what)
 
+    @classmethod
+    def named_in(cls, e: BaseException | str, directory: str | Path, what: str = "") -> OutOfSpace:
+        """The OutOfSpace a wrapped error's text names (a trial's, deeper down), else one for
+        `directory`."""
+        inner = re.search(r"(/\S+): out of space", str(e))
+        return cls(inner.group(1)) if inner else cls(Path(directory).resolve(), what)
+
 
 def is_out_of_space(e: BaseException) -> bool:
     """An error, or one in its chain, that a write failed for space (also once Ray or Tune
@@ -79,9 +86,7 @@ def writing(directory: str | Path, what: str = "") -> Iterator[None]:
     except Exception as e:
         if is_out_of_space(e) or nearly_full(directory):
             # A wrapped OutOfSpace from deeper down (a trial's) names its own directory.
-            inner = re.search(r"(/\S+): out of space", str(e))
-            where = (inner.group(1), "") if inner else (Path(directory).resolve(), what)
-            raise OutOfSpace(*where) from e
+            raise OutOfSpace.named_in(e, directory, what) from e
         raise
 
 

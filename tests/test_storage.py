@@ -129,3 +129,52 @@ def test_a_write_that_fails_on_a_nearly_full_disk_is_out_of_space(tmp_path, monk
         raise torn
     with pytest.raises(OutOfSpace), writing(tmp_path / "not" / "yet"):  # a parent's disk
         raise torn
+
+
+def test_a_trials_full_disk_stops_the_study_at_once(ray_session, tmp_path):
+    """Tune would retry the trial (max_failures=2) and then run the others, each filling the
+    same disk: StopOnFullDisk stops all at the first failure for space, naming the dir."""
+    from ray import tune
+
+    from rayrl.study.tuner import Study
+
+    ran = tmp_path / "ran"
+    ran.mkdir()
+
+    def trainable(params: dict) -> None:
+        (ran / f"{params['i']}-{len(list(ran.iterdir()))}").touch()
+        if params["i"] == 0:
+            raise OutOfSpace(tmp_path / "runs" / "r0", "metrics.parquet")
+        import time
+
+        time.sleep(30)
+
+    root = os.path.dirname(os.path.dirname(__file__))
+    study = Study(f"{root}/configs/smoke.yaml", tmp_path, {"study.trackers": []})
+    tuner = tune.Tuner(
+        trainable,
+        param_space={"i": tune.grid_search([0, 1, 2])},
+        tune_config=tune.TuneConfig(max_concurrent_trials=1),
+        run_config=study.run_config(verbose=0),
+    )
+    tuner.fit()
+    assert sorted(p.name for p in ran.iterdir()) == ["0-0"]  # no retry, no other trial
+    assert str(study.full_disk.error).startswith(f"{tmp_path}/runs/r0: out of space")
+
+
+def test_a_kill_during_a_fitter_log_write_loses_no_acknowledged_row(tmp_path):
+    """The fitter's log: a torn last line (never acknowledged) is left out on reload, the
+    rows before it are all held, and the reloaded fitter writes a new log after it."""
+    from rayrl.study.fitter import Fitter, held_on_disk
+
+    f = Fitter(str(tmp_path), min_interval_s=3600)
+    assert f.add_rows([{**ROW, "step": s} for s in (0, 2)]) == 2
+    assert f.add_rows([{**ROW, "step": 2, "test_loss": 0.4}]) == 2  # last write wins
+    (log,) = (tmp_path / "rows").glob("log-*.jsonl")
+    with open(log, "a") as out:
+        out.write('{"run_id": "r", "step": 4, "test_lo')  # the kill
+    again = Fitter(str(tmp_path), min_interval_s=3600)
+    assert sorted((r["step"], r["test_loss"]) for r in again.rows()) == [(0, 0.5), (2, 0.4)]
+    assert again.add_rows([{**ROW, "step": 4}]) == 3
+    assert len(held_on_disk(tmp_path / "rows")[0]) == 3
+    assert len(list((tmp_path / "rows").glob("log-*.jsonl"))) == 2

@@ -18,7 +18,9 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 import ray
 from ray import tune
+from ray.tune import Callback
 from ray.tune.search.basic_variant import BasicVariantGenerator
+from ray.tune.stopper import Stopper
 
 from rayrl.config import Config, dump_config
 from rayrl.metrics import (
@@ -33,6 +35,7 @@ from rayrl.metrics import (
     x_column,
 )
 from rayrl.pools import WarmPools
+from rayrl.storage import OutOfSpace, is_out_of_space
 from rayrl.study.resume import check_resume, remaining_trials
 from rayrl.trainer import train
 from rayrl.trial import COLUMNS, Trial
@@ -152,6 +155,37 @@ def make_tuner(cfg: Config, study: Study, trials: list[Trial] | None = None) -> 
     )
 
 
+class StopOnFullDisk(Callback, Stopper):
+    """Stops the whole study at a trial's first failure for space (Tune would retry it, then
+    run the others, each filling the same disk); `error` is what run_study raises. Both a
+    callback (it sees the failure) and the stopper (Tune asks it whether to stop all)."""
+
+    def __init__(self, study_dir: Path) -> None:
+        self.study_dir = study_dir
+        self.error: OutOfSpace | None = None
+
+    def _check(self, trial: Any) -> None:
+        # The error's text as Tune wrote it on this machine (synced to storage only later).
+        try:
+            err = Path(trial.error_file).read_text() if trial.error_file else ""
+        except OSError:  # an unreadable error is not one for space
+            return
+        if is_out_of_space(RuntimeError(err)):
+            self.error = self.error or OutOfSpace.named_in(err, self.study_dir)
+
+    def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._check(trial)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._check(trial)
+
+    def __call__(self, trial_id: str, result: dict) -> bool:
+        return False
+
+    def stop_all(self) -> bool:
+        return self.error is not None
+
+
 class Study:
     """A study directory with its config, fitter, scheduler and trackers: what `rayrl study`
     runs, and what a Ray Tune user wraps a Tuner of their own in.
@@ -180,6 +214,7 @@ class Study:
         self.cfg = config if isinstance(config, Config) else load_config(config, overrides)
         self.dir = Path(out_dir or self.cfg.output_dir).resolve()
         self.fitter: Any = None
+        self.full_disk = StopOnFullDisk(self.dir)
 
     def __enter__(self) -> Study:
         from rayrl.models.external import check_models
@@ -234,7 +269,8 @@ class Study:
             **{
                 "name": self.cfg.study.name,
                 "storage_path": str(self.dir / "tune"),
-                "callbacks": tracker_callbacks(self.cfg, self.dir),
+                "callbacks": [*tracker_callbacks(self.cfg, self.dir), self.full_disk],
+                "stop": self.full_disk,
                 "failure_config": tune.FailureConfig(max_failures=2),
                 "verbose": 1,
                 **kwargs,
@@ -297,6 +333,8 @@ def run_study(cfg: Config, out_dir: str | None = None) -> Path:
         if trials:
             tuner = make_tuner(cfg, study, trials)
             errors = tuner.fit().errors
+    if study.full_disk.error:
+        raise study.full_disk.error
     if errors:
         raise RuntimeError(
             f"{len(errors)} trial(s) failed (report written with the rest): {trial_errors(errors)}"
