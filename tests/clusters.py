@@ -3,7 +3,14 @@
 import os
 import shutil
 import signal
+import socket
 import subprocess
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def stop_head(proc: subprocess.Popen, temp_dir: str) -> None:

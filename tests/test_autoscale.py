@@ -4,7 +4,6 @@ its fake multi-node provider, the local stand-in for KubeRay's)."""
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from clusters import stop_head
+from clusters import free_port, stop_head
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.e2e, pytest.mark.vllm]
@@ -23,12 +22,6 @@ ONE_TRIAL = {
     "study.trackers": [],
     "grpo.data_budget": 16,
 }
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def autoscaling_config(gcs: str) -> dict:
