@@ -41,7 +41,7 @@ def test_a_failed_section_fails_the_bench(tmp_path):
 
 def test_grpo_section_runs_a_ladder_model_from_any_config(tmp_path):
     from bench_common import BenchModel
-    from bench_grpo import config
+    from bench_grpo import SETTINGS, config
 
     # tiny-5 is in tiny.yaml, not in the smoke config the section starts from
     model = BenchModel("tiny-5", str(tmp_path / "tiny-5"), 1, trained=True)
@@ -49,3 +49,6 @@ def test_grpo_section_runs_a_ladder_model_from_any_config(tmp_path):
     assert [m.name for m in cfg.ladder.models] == ["tiny-5"]
     assert cfg.ladder.models[0].path == model.path
     assert [t.model for t in cfg.trials()] == ["tiny-5"]
+    # like for like with TRL: the KL coefficient its side gets as beta; 4 updates a step
+    assert cfg.grpo.kl_coef == SETTINGS["kl"] > 0
+    assert config(model, tmp_path, updates=4).grpo.mini_batches == 4

@@ -161,11 +161,12 @@ def test_mini_batches_make_pi_old_stale_and_the_clip_engage(ray_session, model_d
     for later in ((2, 1), (1, 2)):
         assert out[later]["ratio_max"] > 1.2 or out[later]["ratio_mean"] < 0.9, later
         assert out[later]["clip_frac"] > 0.0, later
-    # pi_old and pi_ref are computed once, each epoch trains on every token again; one update
-    # (1, 1) takes pi_old from its training forward, so only the reference has a pass of its own
+    # pi_old and pi_ref are computed once, each epoch trains on every token again; the first
+    # mini-batch takes pi_old from its training forward (before any update), so the reference
+    # has a pass over everything and pi_old one over the other mini-batches (equal halves here)
     for (m, epochs), o in out.items():
-        passes = 1 if (m, epochs) == (1, 1) else 2
-        assert o["tokens_processed"] * passes == epochs * o["forward_tokens"], (m, epochs)
+        tokens = o["tokens_processed"] / epochs
+        assert o["forward_tokens"] == tokens * (1 + (m - 1) / m), (m, epochs)
         assert o["logp_diff_mean"] == pytest.approx(0.25, abs=1e-4)
         assert o["logp_diff_max"] == pytest.approx(0.25, abs=1e-4)
 
@@ -182,7 +183,16 @@ def test_one_and_two_learners_make_the_same_update(ray_session, model_dir, loss_
         ["\\boxed{21}", "21", "\\boxed{2}", "so 12+9 is \\boxed{21}"] * 2,
         [1.0, -0.5, -1.5, 1.0, 0.5, -1.0, -0.5, 1.0],
     )
-    grpo = GRPOConfig(lr=1e-2, prompts_per_step=4, mini_batches=2, micro_batch=1, loss_agg=loss_agg)
+    # A clip under the gradient's norm: one rank (ZeRO stage 0) clips by its own global norm,
+    # two ranks by DeepSpeed ZeRO-2's, and the second update's Adam moments mix both clips.
+    grpo = GRPOConfig(
+        lr=1e-2,
+        prompts_per_step=4,
+        mini_batches=2,
+        micro_batch=1,
+        loss_agg=loss_agg,
+        grad_clip=0.05,
+    )
     final, stats = {}, {}
     # (ranks, checkpointing, token budget): two ranks; and (once: they are independent of the
     # aggregation) one rank that recomputes activations, the same update with less memory,
@@ -210,6 +220,10 @@ def test_one_and_two_learners_make_the_same_update(ray_session, model_dir, loss_
                 )
             )
             assert on == ckpt
+            stage = group.actors[0].__ray_call__.remote(
+                lambda a: a.engine.zero_optimization_stage()
+            )
+            assert ray.get(stage) == (0 if n == 1 else 2)  # one rank: no ZeRO (learner_zero_stage)
             stats[n, ckpt, budget] = group.train(items, temperature=1.0)
             final[n, ckpt, budget] = weights(group, 0)
     finally:
@@ -222,6 +236,11 @@ def test_one_and_two_learners_make_the_same_update(ray_session, model_dir, loss_
         lengths = sorted(len(it.prompt_ids) + len(it.response_ids) for it in items[:4])
         assert stats[1, False, 45]["pad_frac"] > 0
         assert stats[1, False, 45]["pad_frac"] < 1 - sum(lengths) / (4 * lengths[-1])
+    # the global norm before clipping, as one rank takes it and as ZeRO-2 reports it
+    norm = stats[1, False, 0]["grad_norm"]
+    assert norm > grpo.grad_clip
+    for other in others:
+        assert stats[other]["grad_norm"] == pytest.approx(norm, rel=1e-4), other
     before = dict(weights_of_saved(model_dir))
     one = final[1, False, 0]
     moved = max(float((one[k] - before[k]).abs().max()) for k in before)
@@ -245,11 +264,19 @@ def weights_of_saved(model_dir):
 
 def test_deepspeed_config_carries_the_learner_knobs():
     grpo = GRPOConfig(micro_batch=3, grad_clip=0.5, prompts_per_step=8, mini_batches=2)
-    ds = deepspeed_config(grpo, ResourcesConfig(zero_stage=1), gas=2, world_size=2)
+    ds = deepspeed_config(grpo, ResourcesConfig(learners=2, zero_stage=1), gas=2, world_size=2)
     assert ds["gradient_clipping"] == 0.5
     assert ds["zero_optimization"]["stage"] == 1
     assert ds["train_batch_size"] == 3 * 2 * 2 and not ds["bf16"]["enabled"]
-    assert deepspeed_config(grpo, ResourcesConfig(device="gpu"), 1, 1)["bf16"]["enabled"]
+    # one rank: ZeRO-1/2 shard nothing, so stage 0, and the learner clips (DeepSpeed's fp32
+    # stage 0 keeps no norm); ZeRO-3 as configured; on GPU DeepSpeed's bf16 optimizer clips
+    one = deepspeed_config(grpo, ResourcesConfig(zero_stage=2), 1, 1)
+    assert one["zero_optimization"]["stage"] == 0 and one["gradient_clipping"] == 0.0
+    assert deepspeed_config(grpo, ResourcesConfig(zero_stage=3), 1, 1)["zero_optimization"] == {
+        "stage": 3
+    }
+    gpu = deepspeed_config(grpo, ResourcesConfig(device="gpu"), 1, 1)
+    assert gpu["bf16"]["enabled"] and gpu["gradient_clipping"] == 0.5
     # micro-batches per optimizer step: a mini-batch of 4 prompts x 4 samples over 2 ranks
     assert grad_accumulation_steps(grpo, rollout_n=4, world_size=2) == 3  # ceil(8 / 3)
     assert grad_accumulation_steps(dataclasses.replace(grpo, mini_batches=1), 4, 2) == 6
@@ -293,14 +320,15 @@ def test_every_statistic_of_the_loss_is_declared():
 # --- pi_old from the training forward, no reference at kl_coef 0 --------------------------
 
 
-def test_pi_old_comes_from_the_training_forward_only_where_exact():
-    from rayrl.learner.actor import old_from_training_forward as fused
+def test_pi_old_has_a_forward_of_its_own_only_after_the_first_update():
+    from rayrl.learner.actor import old_forward_mini_batches as own
 
     one = GRPOConfig(mini_batches=1, ppo_epochs=1)
-    assert fused(one)
-    assert not fused(dataclasses.replace(one, mini_batches=4))  # the paper's 4 updates
-    assert not fused(dataclasses.replace(one, ppo_epochs=2))
-    assert not fused(dataclasses.replace(one, async_steps=1))  # stale samples
+    assert list(own(one)) == []  # one update: pi_old is the training forward
+    # the paper's 4 updates: the first mini-batch trains before any update, the rest after
+    assert list(own(dataclasses.replace(one, mini_batches=4))) == [1, 2, 3]
+    # epochs and staleness change nothing: pi_old is the learner's weights at the step's start
+    assert list(own(dataclasses.replace(one, mini_batches=2, ppo_epochs=2, async_steps=1))) == [1]
 
 
 def test_pi_old_from_the_training_forward_makes_the_same_update(ray_session, model_dir):
@@ -311,26 +339,63 @@ def test_pi_old_from_the_training_forward_makes_the_same_update(ray_session, mod
     # fp32 rollout log-probs 0.1 off (bf16-like), so the IS weights are on and differ from 1
     for it in items:
         it.rollout_logprobs = (token_logprobs_of(None, model_dir, it) + 0.1).tolist()
-    grpo = GRPOConfig(lr=1e-2, prompts_per_step=2, mini_batches=1, micro_batch=2, kl_coef=0.01)
+    # two mini-batches, two epochs: the first mini-batch's pi_old from its epoch-0 training
+    # forward, kept for epoch 1; the second's from a forward of its own
+    # micro_batch 4 over mini-batches of 2: the forward-only passes take both at once
+    grpo = GRPOConfig(
+        lr=1e-2, prompts_per_step=2, mini_batches=2, ppo_epochs=2, micro_batch=4, kl_coef=0.01
+    )
     resources = ResourcesConfig(learners=1, cpus_per_actor=0.5, vllm_dtype="bfloat16")
     groups = [LearnerGroup(model_dir, grpo, resources, rollout_n=2) for _ in range(2)]
     try:
-        # the second group made to take the separate pi_old forward, as 4 mini-batches do
-        ray.get(groups[1].actors[0].__ray_call__.remote(lambda a: setattr(a, "fused_old", False)))
+        # the second group made to take the separate pi_old forward for both mini-batches
+        ray.get(
+            groups[1].actors[0].__ray_call__.remote(lambda a: setattr(a, "old_forwards", range(2)))
+        )
         stats = [g.train(items, temperature=1.0) for g in groups]
         final = [weights(g, 0) for g in groups]
     finally:
         for g in groups:
             g.shutdown()
     fused, separate = stats
-    # the separate forward ran (pi_old and pi_ref passes), the fused one only the reference
-    assert separate["forward_tokens"] == 2 * fused["forward_tokens"] > 0
-    for k in ("loss", "pg_loss", "kl", "ratio_mean", "is_weight_mean", "logp_diff_mean"):
+    # pi_ref over every token; pi_old over both mini-batches, or over the second only
+    tokens = separate["tokens_processed"] / 2  # two epochs
+    assert separate["forward_tokens"] == 2 * tokens > fused["forward_tokens"] > tokens
+    stats_ = ("loss", "pg_loss", "kl", "ratio_mean", "ratio_max", "clip_frac", "is_weight_mean")
+    for k in (*stats_, "logp_diff_mean", "grad_norm"):
         assert fused[k] == pytest.approx(separate[k], rel=1e-5, abs=1e-7), k
-    assert fused["ratio_max"] == 1.0 and fused["is_weight_mean"] != 1.0
+    assert fused["ratio_max"] > 1.0 and fused["is_weight_mean"] != 1.0
     for name in (n for n in final[0] if not n.endswith("k_proj.bias")):  # see below
         diff = float((final[0][name] - final[1][name]).norm() / final[1][name].norm())
         assert diff < 1e-5, (name, diff)
+
+
+@pytest.mark.parametrize("budget", [0, 60])
+def test_forward_only_passes_join_micro_batches_to_the_same_log_probs(model_dir, budget):
+    from transformers import AutoModelForCausalLM
+
+    from rayrl.learner.actor import Learner
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    lengths = [(3, 0), (9, 12), (4, 5), (8, 1), (5, 7), (6, 2), (3, 11), (7, 4), (9, 9)]
+    items = [TrainItem([5] * p, [7] * r, 0.0) for p, r in lengths]
+    micro = [items[0:2], items[2:3], items[3:6], items[6:7], items[7:9]]
+    grpo = GRPOConfig(micro_batch=4, micro_batch_tokens=budget)
+    learner = Learner(0, 1, grpo, ResourcesConfig())
+    learner.pad_id = 0
+    joined = []
+    learner._logprobs = lambda m, b, t: (
+        joined.append(len(b.input_ids)) or Learner._logprobs(learner, m, b, t)
+    )
+    with torch.no_grad():
+        got = learner._forward_only(model, micro, 0.7)
+        alone = [Learner._logprobs(learner, model, collate(mb, 0), 0.7) for mb in micro]
+    assert len(joined) < len(micro) and sum(joined) == len(items)  # fewer, larger forwards
+    if budget == 0:
+        assert max(joined) <= 4
+    for a, b in zip(got, alone, strict=True):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_no_reference_model_in_the_memory_estimate_at_kl_coef_0():

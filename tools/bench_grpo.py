@@ -8,18 +8,26 @@ size, lengths, learning rate and number of steps, on the synthetic task.
 A model may carry its own step count, as in --models tiny-5:16,rand-25m: a 0.1 s step needs
 more of them than a 4 s one for a steady mean.
 
-Two regimes, one row each, both sides in one invocation (`updates_per_step`):
+Two regimes, one row each, both sides in one invocation (`updates_per_step`), both with
+the KL loss at the same coefficient (SETTINGS kl: rayrl grpo.kl_coef, TRL beta), so both
+build a reference model and run its forward over every sample. The forwards, per step:
 - 1 update a step (every model): rayrl grpo.mini_batches 1 against TRL's defaults
-  (steps_per_generation = gradient_accumulation_steps = 1, num_iterations 1). Neither side
-  runs a pi_old forward: TRL takes the detached log-probs of its training forward, rayrl
-  likewise (learner/actor.py old_from_training_forward). Both run the reference forward
-  (KL 0.001) and one forward+backward.
+  (steps_per_generation = gradient_accumulation_steps = 1, num_iterations 1).
+  TRL: reference forward, one forward+backward, one optimizer step; no pi_old forward (its
+  loss takes the training forward's detached log-probs). rayrl: the same
+  (learner/actor.py old_forward_mini_batches: none).
 - 4 updates a step (--paper-models, the paper's 4 mini-batches): rayrl grpo.mini_batches 4
   against TRL with steps_per_generation 4: one generation batch of prompts x group split
-  over 4 optimizer steps of a quarter each. Both sides then run a pi_old forward over the
-  whole batch before the first update (TRL: gradient_accumulation_steps % steps_per_generation
-  != 0), the reference forward and 4 forward+backwards; a TRL "step" here is the 4 optimizer
-  steps of one generation.
+  over 4 optimizer steps of a quarter each; a TRL "step" here is the 4 optimizer steps of
+  one generation. TRL: a pi_old forward over the whole batch (gradient_accumulation_steps
+  % steps_per_generation != 0), the reference forward over it, 4 forward+backwards and 4
+  optimizer steps, its forward-only passes 8 samples at a time (per_device_train_batch_size).
+  rayrl: the same, but pi_old over the last 3 quarters only (the first trains before any
+  update, so its training forward's detached log-probs are pi_old), and its forward-only
+  passes join mini-batches up to grpo.micro_batch (32): one reference forward over 32, one
+  pi_old forward over 24.
+Both sides clip the global gradient norm at 1.0 with torch's AdamW: TRL in torch, rayrl's one
+learner at ZeRO stage 0 (config.ResourcesConfig.learner_zero_stage) clipping by its own norm.
 
 --side overlap instead times rayrl's loop with grpo.async_steps 0 and 1 (each actor on one
 core, so the two phases can overlap) and sets the speed-up against its bound,
@@ -47,7 +55,7 @@ from bench_common import (  # noqa: E402
     write_json,
 )
 
-SETTINGS = dict(prompts=8, group=4, max_new_tokens=16, lr=1e-5, micro_batch=32)
+SETTINGS = dict(prompts=8, group=4, max_new_tokens=16, lr=1e-5, micro_batch=32, kl=0.001)
 
 
 def digit_share(response: str) -> float:
@@ -80,6 +88,7 @@ def config(
         "grpo.max_new_tokens": s["max_new_tokens"],
         "grpo.max_prompt_tokens": 32,
         "grpo.lr": s["lr"],
+        "grpo.kl_coef": s["kl"],
         "grpo.micro_batch": s["micro_batch"],
         # Optimizer updates per step, TRL's steps_per_generation (module docstring).
         "grpo.mini_batches": updates,
@@ -194,7 +203,7 @@ def trl_steps(model, steps: int, out: Path, updates: int = 1) -> dict:
         num_generations=s["group"],
         max_completion_length=s["max_new_tokens"],
         learning_rate=s["lr"],
-        beta=0.001,  # KL to the reference model, as rayrl's kl_coef
+        beta=s["kl"],  # KL to the reference model, as rayrl's kl_coef
         epsilon=0.2,
         temperature=1.0,
         top_k=0,

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from rayrl.config import GRPOConfig, ResourcesConfig
-from rayrl.learner.batch import Padded, TrainItem, collate
+from rayrl.learner.batch import Padded, TrainItem, collate, length
 from rayrl.learner.grpo import grpo_loss, is_weights, off_policy, token_logprobs
 from rayrl.learner.stats import merge
 
@@ -30,13 +30,25 @@ def grad_accumulation_steps(grpo: GRPOConfig, rollout_n: int, world_size: int) -
     return max(1, math.ceil(smallest_shard / grpo.micro_batch))
 
 
-def old_from_training_forward(grpo: GRPOConfig) -> bool:
-    """Is pi_old the training forward's own log-probs, detached? Exact when a step is one
-    update on fresh samples: one mini-batch, one epoch, async_steps 0 (TRL's num_iterations
-    1, veRL's single mini-batch). The IS weights of a bf16 rollout need vLLM's log-probs and
-    pi_old only, so they come from the same forward. Otherwise (the paper's 4 mini-batches)
-    pi_old is a forward of its own, before the first update."""
-    return grpo.mini_batches == 1 and grpo.ppo_epochs == 1 and grpo.async_steps == 0
+def old_forward_mini_batches(grpo: GRPOConfig) -> range:
+    """The mini-batches whose pi_old needs a forward of its own, before the first update.
+    Not the first: its training forwards in epoch 0 come before any update moves the
+    weights, so their detached log-probs are pi_old exactly (as TRL's at num_iterations 1,
+    veRL's for one mini-batch), whatever the epochs, the staleness or the IS weights (which
+    need pi_old and vLLM's log-probs only). One mini-batch: no pi_old forward at all."""
+    return range(1, grpo.mini_batches)
+
+
+def engine_bf16(resources: ResourcesConfig) -> bool:
+    """DeepSpeed's bf16 (GPU): bf16 weights with fp32 masters. A CPU learner keeps fp32
+    weights and autocasts its matmuls."""
+    return resources.device == "gpu" and resources.learner_bf16
+
+
+def learner_clips(resources: ResourcesConfig) -> bool:
+    """Does the learner clip the gradient itself? DeepSpeed's ZeRO and bf16 optimizers clip
+    and report the global norm; at stage 0 in fp32 it would clip and report none."""
+    return resources.learner_zero_stage == 0 and not engine_bf16(resources)
 
 
 def deepspeed_config(
@@ -47,10 +59,9 @@ def deepspeed_config(
         "train_micro_batch_size_per_gpu": grpo.micro_batch,
         "gradient_accumulation_steps": gas,
         "train_batch_size": grpo.micro_batch * gas * world_size,
-        "gradient_clipping": grpo.grad_clip,
-        "zero_optimization": {"stage": resources.zero_stage},
-        # On GPU bf16 weights with fp32 masters; a CPU learner keeps fp32 weights (autocast).
-        "bf16": {"enabled": resources.device == "gpu" and resources.learner_bf16},
+        "gradient_clipping": 0.0 if learner_clips(resources) else grpo.grad_clip,
+        "zero_optimization": {"stage": resources.learner_zero_stage},
+        "bf16": {"enabled": engine_bf16(resources)},
         "steps_per_print": 10**9,
     }
 
@@ -66,7 +77,8 @@ class Learner:
         self.device = torch.device("cuda", 0) if self.gpu else torch.device("cpu")
         # bf16 matmuls over fp32 weights and optimizer states on CPU (resources.learner_dtype)
         self.autocast = resources.learner_bf16 and not self.gpu
-        self.fused_old = old_from_training_forward(grpo)
+        self.old_forwards = old_forward_mini_batches(grpo)
+        self.clips = learner_clips(resources)
         self.sender = None
 
     def address(self) -> tuple[str, int]:
@@ -109,10 +121,10 @@ class Learner:
         self.engine = self.ref = self._hf_ds = None
         gc.collect()  # the last run's engine, before a second copy is built
         torch.manual_seed(grpo.seed + self.rank)
-        dtype = torch.bfloat16 if self.gpu and self.resources.learner_bf16 else torch.float32
+        dtype = torch.bfloat16 if engine_bf16(self.resources) else torch.float32
         self.gas = grad_accumulation_steps(grpo, rollout_n, self.world_size)
         ds_config = deepspeed_config(grpo, self.resources, self.gas, self.world_size)
-        zero3 = self.resources.zero_stage == 3
+        zero3 = self.resources.learner_zero_stage == 3
         if zero3:
             from transformers.integrations import HfDeepSpeedConfig
 
@@ -135,6 +147,9 @@ class Learner:
         # A client optimizer: FusedAdam needs CUDA, torch's AdamW runs on both.
         opt = torch.optim.AdamW(policy.parameters(), lr=grpo.lr, weight_decay=grpo.weight_decay)
         self.engine, *_ = deepspeed.initialize(model=policy, optimizer=opt, config=ds_config)
+        if self.world_size == 1 and self.engine.zero_optimization_stage() == 0:
+            # an all-reduce over one rank: a flatten, a copy and back, at every update
+            self.engine.enable_backward_allreduce = False
         return self.gas
 
     def _logprobs(self, model: Any, b: Padded, temperature: float) -> torch.Tensor:
@@ -161,34 +176,42 @@ class Learner:
         seconds["time_learn_optimizer"] = 0.0
         updates = len(mini_batches) * g.ppo_epochs
         filler = TrainItem([self.pad_id] * 2, [], 0.0)  # no response tokens: zero loss
-        batches = [
-            [collate(mb or [filler], self.pad_id).to(self.device) for mb in micro]
-            for micro in mini_batches
-        ]
+        micros = [[mb or [filler] for mb in micro] for micro in mini_batches]
+        batches = [[collate(mb, self.pad_id).to(self.device) for mb in micro] for micro in micros]
         self.engine.train()
-        # pi_old and pi_ref: once per rollout batch, before the first update; pi_old only when
-        # it is not the training forward (`old_from_training_forward`), pi_ref only at kl_coef > 0.
+        # pi_old and pi_ref: once per rollout batch, before the first update; pi_old only where
+        # it is not the training forward (`old_forward_mini_batches`), pi_ref at kl_coef > 0.
         before = []
         t = time.perf_counter()
         with torch.no_grad():
-            for micro in batches:
+            everything = [mb for micro in micros for mb in micro]
+            own = [mb for j, micro in enumerate(micros) if j in self.old_forwards for mb in micro]
+            olds = iter(self._forward_only(self.engine, own, temperature))
+            refs = iter(
+                [] if self.ref is None else self._forward_only(self.ref, everything, temperature)
+            )
+            for j, micro in enumerate(batches):
                 before.append([])
                 for b in micro:
-                    old = None if self.fused_old else self._logprobs(self.engine, b, temperature)
-                    ref = None if self.ref is None else self._logprobs(self.ref, b, temperature)
+                    old = next(olds) if j in self.old_forwards else None
+                    ref = None if self.ref is None else next(refs)
                     passes = (old is not None) + (ref is not None)
                     parts.append({"forward_tokens": passes * int(b.attention_mask.sum())})
                     before[-1].append((old, ref))
         seconds["time_learn_logprobs"] = time.perf_counter() - t
+        grad_norm = float("nan")
         for epoch in range(g.ppo_epochs):
             for micro, pre, denom in zip(batches, before, denoms):
                 for i, (b, (old, ref)) in enumerate(zip(micro, pre)):
                     t = time.perf_counter()
                     # The optimizer steps on the mini-batch's last micro-batch, set here rather
                     # than left to DeepSpeed's running micro-step count.
-                    self.engine.set_gradient_accumulation_boundary(i == len(micro) - 1)
+                    boundary = i == len(micro) - 1
+                    self.engine.set_gradient_accumulation_boundary(boundary)
                     logp = self._logprobs(self.engine, b, temperature)
-                    old = logp.detach() if old is None else old  # one update: pi_old = pi
+                    if old is None:  # the first mini-batch, no update yet: pi_old = pi
+                        old = logp.detach()
+                        pre[i] = (old, ref)  # kept for the later epochs
                     ref = logp.detach() if ref is None else ref  # kl_coef 0: KL term 0
                     w = is_weights(old, b.rollout_logp, g.is_cap) if self.off_policy else None
                     if epoch == 0:
@@ -200,6 +223,8 @@ class Learner:
                     # of the batch's sum: scaled back up, the update is the global one.
                     self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
                     t1 = time.perf_counter()
+                    if boundary and self.clips:  # the gradients are reduced over ranks by now
+                        grad_norm = self._clip()
                     self.engine.step()
                     seconds["time_learn_optimizer"] += time.perf_counter() - t1
                     seconds["time_learn_fwd_bwd"] += t1 - t
@@ -212,10 +237,53 @@ class Learner:
                         "slots": slots,
                     }
                     parts.append(stats)
-        grad_norm = self.engine.get_global_grad_norm()  # of the last update
-        grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+        if not self.clips:
+            norm = self.engine.get_global_grad_norm()  # of the last update
+            grad_norm = float(norm) if norm is not None else grad_norm
         parts.append(seconds | {"grad_norm": grad_norm, "seconds": time.perf_counter() - t0})
         return merge(parts)
+
+    def _forward_only(
+        self, model: Any, micro: list[list[TrainItem]], temperature: float
+    ) -> list[torch.Tensor]:
+        """Each micro-batch's log-probs, without gradients, consecutive micro-batches forwarded
+        together up to grpo.micro_batch samples (or micro_batch_tokens): a forward that keeps
+        no activations for a backward fits the bound a forward+backward does, and on CPU a
+        larger matmul runs faster (the paper's 4 updates at 25M: 8 samples a mini-batch, 32 a
+        micro-batch). Right padding and the causal mask leave each row's log-probs as its own
+        micro-batch's. Under ZeRO-3 a forward is a collective: each micro-batch goes alone,
+        as many as on every other rank."""
+        g = self.grpo
+
+        def fits(items: list[TrainItem]) -> bool:
+            if self.resources.learner_zero_stage == 3:
+                return False
+            if g.micro_batch_tokens:
+                return len(items) * max(map(length, items)) <= g.micro_batch_tokens
+            return len(items) <= g.micro_batch
+
+        chunks: list[list[list[TrainItem]]] = []
+        for mb in micro:
+            if chunks and fits([it for m in chunks[-1] for it in m] + mb):
+                chunks[-1].append(mb)
+            else:
+                chunks.append([mb])
+        out = []
+        for chunk in chunks:
+            b = collate([it for mb in chunk for it in mb], self.pad_id).to(self.device)
+            logp, row = self._logprobs(model, b, temperature), 0
+            for mb in chunk:  # its rows, its own width (longest item - 1 targets)
+                out.append(logp[row : row + len(mb), : max(map(length, mb)) - 1])
+                row += len(mb)
+        return out
+
+    def _clip(self) -> float:
+        """The global gradient norm before clipping, the gradients then scaled to at most
+        grpo.grad_clip (the paper's max_grad_norm; 0: no clip)."""
+        params = [p for p in self.engine.module.parameters() if p.grad is not None]
+        # ||g|| = sqrt(sum over every gradient of ||g_i||^2); g <- g * min(1, c / ||g||)
+        norm = torch.nn.utils.clip_grad_norm_(params, self.grpo.grad_clip or math.inf)
+        return float(norm)
 
     @staticmethod
     def _behaviour_stats(old: torch.Tensor, b: Padded) -> dict[str, float]:

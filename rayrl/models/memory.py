@@ -10,6 +10,7 @@ Learner rank (one GPU, bf16 as learner/actor.py builds it at resources.learner_d
 P parameters, N ranks: weights 2P, gradients 2P, Adam 12P (fp32 master copy + two moments;
 8P and 4-byte weights, gradients and activations at learner_dtype float32), sharded over N
 ranks from ZeRO stage 3, 2 and 1 respectively (Rajbhandari et al. 2020, "ZeRO", section 5);
+  one rank runs stage 0 (ResourcesConfig.learner_zero_stage): no ZeRO buffers;
   the reference model 2P, sharded like the weights, and none at grpo.kl_coef 0 (the learner
   builds none);
   DeepSpeed's buffers at its defaults; activations of one micro-batch of
@@ -155,7 +156,7 @@ def learner_gib(
 ) -> dict[str, float]:
     """Estimated GiB on one learner rank's GPU, by part. `checkpointing`: whether decoder
     layers recompute their activations in backward (then each keeps only its input)."""
-    p, n, z = arch.params(), r.learners, r.zero_stage
+    p, n, z = arch.params(), r.learners, r.learner_zero_stage  # one rank: stage 0
     b = DTYPE_BYTES["bfloat16" if r.learner_bf16 else "float32"]
     longest = g.max_prompt_tokens + g.max_new_tokens
     # One micro-batch: micro_batch samples, or the token budget (a longer sample goes alone).
