@@ -70,8 +70,20 @@ def one_scale(runs: int, points: int, writers: int, kills: int) -> dict:
             time.sleep(0.05)
         ray.kill(fitter, no_restart=False)
         killed_at.append(len(acked))
-    for t in threads:
-        t.join()
+    while any(t.is_alive() for t in threads):  # progress: a rate even from a run cut short
+        time.sleep(30)
+        elapsed = time.perf_counter() - t0
+        print(
+            json.dumps(
+                {
+                    "runs": runs,
+                    "acknowledged": len(acked),
+                    "seconds": round(elapsed),
+                    "rows_per_s": round(len(acked) / elapsed, 1),
+                }
+            ),
+            flush=True,
+        )
     ingest_s = time.perf_counter() - t0
     t1 = time.perf_counter()
     summary = ray.get(fitter.refit.remote())
