@@ -185,6 +185,7 @@ class Fitter:
         self._laws: dict[LawKey, MainFit] = {}
         self._fitted_rows = 0
         self._last_fit = 0.0
+        self._fit_seconds = 0.0  # the last refit's
         self._dirty = threading.Event()
         if self._by_key:
             self._dirty.set()
@@ -251,8 +252,11 @@ class Fitter:
     def _refit_loop(self) -> None:
         while True:
             self._dirty.wait()
-            # Debounce: at most one refit per min_interval_s, however fast rows arrive.
-            time.sleep(max(0.0, self._last_fit + self.min_interval_s - time.monotonic()))
+            # Debounce: at most one refit per min_interval_s, however fast rows arrive, and
+            # refits at most a third of the time (a large table's fit holds the GIL that
+            # add_rows needs).
+            interval = max(self.min_interval_s, 2 * self._fit_seconds)
+            time.sleep(max(0.0, self._last_fit + interval - time.monotonic()))
             self._dirty.clear()
             try:
                 self.refit()
@@ -262,6 +266,7 @@ class Fitter:
     def refit(self) -> dict:
         """Fit now on every row held; returns summary()."""
         with self._fit_lock:
+            started = time.monotonic()
             rows = self._rows.copy()  # the fit may add columns
             doc, laws = {"status": "empty", "families": {}}, {}
             if len(rows):
@@ -279,6 +284,7 @@ class Fitter:
                 write_json(doc, self.out_dir / "fit.json")
             with self._lock:
                 self._doc, self._laws, self._fitted_rows = doc, laws, len(rows)
+            self._fit_seconds = time.monotonic() - started
             self._last_fit = time.monotonic()
         return self.summary()
 
