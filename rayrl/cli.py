@@ -36,7 +36,8 @@ def _init_ray(
     from rayrl.study.dryrun import connect
 
     per_run = run_cpus(cfg, models)
-    joined = bool(os.environ.get("RAY_ADDRESS"))  # a cluster of its own, maybe autoscaling
+    # A cluster of its own, maybe autoscaling; Ray's "local" means start one here.
+    joined = os.environ.get("RAY_ADDRESS", "") not in ("", "local")
     if not ray.is_initialized():
         if joined:
             connect()

@@ -382,7 +382,9 @@ def test_train_refuses_a_cluster_too_small_for_one_run_instead_of_hanging(tmp_pa
     # smoke.yaml reserves 0.1 + 3 x 0.5 CPUs per run: one logical CPU cannot place its actors.
     cmd = [sys.executable, "-m", "rayrl.cli", "train", str(SMOKE), "--model", "smoke-1"]
     cmd += ["--out", str(tmp_path / "run"), "--num-cpus", "1"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    # RAY_ADDRESS=local is Ray's "start one here", not a cluster that may scale up.
+    env = {**os.environ, "RAY_ADDRESS": "local"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "reserves 1.6 logical CPUs" in proc.stderr and "cpus_per_actor" in proc.stderr
     assert not (tmp_path / "run").exists()
