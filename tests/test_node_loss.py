@@ -94,6 +94,9 @@ def test_a_trial_whose_node_dies_resumes_on_another_node_without_a_gap(tmp_path)
         cmd = [sys.executable, "-m", "rayrl.cli", "study", str(ROOT / "configs" / "smoke.yaml")]
         cmd += ["--out", str(out), "--no-scheduler", *sets]
         time.sleep(5)  # the raylets register
+        # A node that failed to start (its agent's port taken meanwhile) would leave the retry
+        # nowhere to go: fail here, not at the timeout.
+        assert all(w.poll() is None for w in workers), "a worker node did not start"
         study = subprocess.Popen(
             cmd, env={**env, "RAY_ADDRESS": gcs}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
         )
@@ -105,6 +108,7 @@ def test_a_trial_whose_node_dies_resumes_on_another_node_without_a_gap(tmp_path)
         victim = next(n for pid in learners() if (n := node_of(pid, workers)))
         steps_before = pd.read_parquet(next(out.glob("runs/*/metrics.parquet")))["step"].tolist()
         os.killpg(victim.pid, signal.SIGKILL)
+        assert all(w.poll() is None for w in workers if w is not victim), "no node left"
         output = study.communicate(timeout=600)[0].decode()
         assert study.returncode == 0, output[-3000:]
 
