@@ -7,10 +7,38 @@ import socket
 import subprocess
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
+def free_ports(n: int) -> list[int]:
+    """n distinct ports that nothing listens on right now (held open together while picked,
+    so two calls in a row cannot hand out the same one)."""
+    socks = [socket.socket() for _ in range(n)]
+    for sock in socks:
         sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    ports = [sock.getsockname()[1] for sock in socks]
+    for sock in socks:
+        sock.close()
+    return ports
+
+
+def free_port() -> int:
+    return free_ports(1)[0]
+
+
+NODE_PORT_FLAGS = (
+    "--node-manager-port",
+    "--object-manager-port",
+    "--dashboard-agent-listen-port",
+    "--dashboard-agent-grpc-port",
+    "--runtime-env-agent-port",
+    "--metrics-export-port",
+)
+
+
+def node_ports(head: bool = False) -> list[str]:
+    """`ray start` flags giving a node every port of its own: Ray's defaults (the agent's
+    52365, the client server's 10001) are taken by any other Ray on this machine, such as
+    the test session's or another test worker's, and a node whose agent cannot bind dies."""
+    flags = NODE_PORT_FLAGS + (("--ray-client-server-port",) if head else ())
+    return [f"{flag}={port}" for flag, port in zip(flags, free_ports(len(flags)))]
 
 
 def stop_head(proc: subprocess.Popen, temp_dir: str) -> None:

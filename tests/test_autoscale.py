@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from clusters import free_port, stop_head
+from clusters import free_port, node_ports, stop_head
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.e2e, pytest.mark.vllm]
@@ -85,7 +85,7 @@ def test_a_study_starts_on_an_autoscaling_cluster_with_no_worker(tmp_path):
     temp_dir = tempfile.mkdtemp(prefix="ra", dir="/tmp")  # unix socket paths must stay short
     head = [str(bin_dir / "ray"), "start", "--head", "--block", f"--port={port}"]
     head += [f"--autoscaling-config={config}", "--num-cpus=0", "--include-dashboard=false"]
-    head += ["--disable-usage-stats", f"--temp-dir={temp_dir}"]
+    head += ["--disable-usage-stats", f"--temp-dir={temp_dir}", *node_ports(head=True)]
     # --block ties the cluster (and the workers its autoscaler starts) to this process group.
     proc = subprocess.Popen(
         head, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL

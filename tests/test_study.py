@@ -3,7 +3,6 @@
 import json
 import os
 import secrets
-import socket
 import subprocess
 import sys
 import tempfile
@@ -14,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import ray
-from clusters import stop_head
+from clusters import free_ports, stop_head
 
 from rayrl.config import load_config
 from rayrl.scaling.document import fit_table
@@ -44,17 +43,6 @@ def wait_for(predicate, timeout=300.0, every=0.5):
             return found
         time.sleep(every)
     raise TimeoutError
-
-
-def free_ports(n: int) -> list[int]:
-    """n distinct ports that nothing listens on right now."""
-    socks = [socket.socket() for _ in range(n)]
-    for sock in socks:
-        sock.bind(("127.0.0.1", 0))
-    ports = [sock.getsockname()[1] for sock in socks]
-    for sock in socks:
-        sock.close()
-    return ports
 
 
 def saboteur(cfg, study_dir, log):
