@@ -28,9 +28,12 @@ import sys
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rayrl.storage import fsync_dir, write_bytes_atomic, writing
+
+if TYPE_CHECKING:
+    from rayrl.config import ResourcesConfig
 
 CHECKPOINTS = "checkpoints"  # in a run's directory
 MANIFEST = "manifest.json"  # in a checkpoint's folder, written last: the folder is complete
@@ -220,12 +223,14 @@ def checkpoint_state(run_dir: Path) -> dict[str, Any] | None:
     return None
 
 
-def storage_bytes(params: int, device: str, keep: int) -> dict[str, int]:
+def storage_bytes(params: int, r: ResourcesConfig, keep: int) -> dict[str, int]:
     """Estimated bytes one run leaves on the study's volume: its `keep` checkpoints (the
-    module's weights, bf16 on GPU and fp32 on CPU, and ZeRO's optimizer state: fp32 master
-    weights and Adam's two moments, 12 bytes a parameter) and its final HF export."""
-    weights = 2 if device == "gpu" else 4
-    return {"checkpoints": keep * params * (weights + 12), "export": params * weights}
+    module's weights, bf16 on GPU and fp32 on CPU, and the optimizer's state: Adam's two
+    moments, 8 bytes a parameter, and an fp32 master copy, 4 more, where ZeRO partitions or
+    the weights are bf16; a one-rank fp32 learner at stage 0 has none) and its final export."""
+    weights = 2 if r.device == "gpu" else 4
+    master = 4 if r.device == "gpu" or r.learner_zero_stage > 0 else 0
+    return {"checkpoints": keep * params * (weights + 8 + master), "export": params * weights}
 
 
 # --- HF export -------------------------------------------------------------------------------

@@ -159,7 +159,7 @@ def test_a_real_run_keeps_two_exports_its_policy_and_resumes_past_a_corrupt_chec
         torch.testing.assert_close(exported[name], w, atol=0, rtol=0)
     assert any(not torch.equal(base[n], w) for n, w in state.items())  # the run moved them
     # the dry-run's storage figure is what the kept checkpoints and the export take
-    estimate = checkpoint.storage_bytes(model.num_parameters(), "cpu", keep=2)
+    estimate = checkpoint.storage_bytes(model.num_parameters(), cfg.resources, keep=2)
     saved = sum(p.stat().st_size for p in ckpt_dir.glob("step*/*.pt"))
     assert 0.9 < saved / estimate["checkpoints"] < 1.25, (saved, estimate)
     exported_bytes = (export / "model.safetensors").stat().st_size
@@ -239,7 +239,8 @@ def test_the_dry_runs_storage_estimate_counts_the_kept_checkpoints():
         return float(head[0])
 
     cfg = load_config(ROOT / "configs" / "qwen2.5-base.yaml")
-    one = checkpoint.storage_bytes(architecture(cfg, "qwen2.5-72b").params(), "gpu", keep=1)
+    big = architecture(cfg, "qwen2.5-72b").params()
+    one = checkpoint.storage_bytes(big, cfg.resources_for("qwen2.5-72b"), keep=1)
     assert 0.85 < one["checkpoints"] / 2**40 < 1.05 and one["export"] * 7 == one["checkpoints"]
     t1, t2, t3 = total_tib(1), total_tib(2), total_tib(3)
     # each kept checkpoint adds the same: 7/8 of a run's checkpoint-and-export

@@ -210,7 +210,7 @@ def storage_estimate(cfg: Config) -> str:
     for model, family in models_of(cfg):
         n = sum(1 for t in trials if (t.model, t.family) == (model, family))
         params = architecture(cfg, model, family).params()
-        b = storage_bytes(params, cfg.resources_for(model, family).device, keep)
+        b = storage_bytes(params, cfg.resources_for(model, family), keep)
         total += n * sum(b.values())
         lines.append(
             f"  {model} ({family}): {n} run(s) x ({keep} checkpoints "
