@@ -117,7 +117,7 @@ def main() -> None:
     parser.add_argument("--kills", type=int, default=2)
     parser.add_argument("--out", default="bench_out/bench_fitter.json")
     args = parser.parse_args()
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     scales = []
     for runs in (int(r) for r in args.runs.split(",")):
         scales.append(one_scale(runs, args.points, args.writers, args.kills))

@@ -117,7 +117,7 @@ def rayrl_steps(
 
     # 2 (vLLM) + 2 (learner) + 0.5 (reward) logical CPUs: the phases take turns on the
     # 2 cores, so the slots may add up to more than the machine.
-    ray.init(num_cpus=5, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=5, include_dashboard=False, log_to_driver=False)
     cfg = config(model, out, async_steps, cpus, steps, updates)
     t0 = time.perf_counter()
     run = Run(cfg, Trial(model.name, "base", SETTINGS["group"], 1, 0), out / f"rayrl-{async_steps}")
