@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rayrl.config import Config, ConfigError, DataConfig, LadderConfig, ModelSpec, load_config
 from rayrl.data.synthetic import held_out
-from rayrl.models.build import pretrain_lr
+from rayrl.models.build import non_embedding_params, pretrain_lr
 from rayrl.models.flops import count_params, forward_flops, train_flops
 from rayrl.models.ladder import (
     build_ladder,
@@ -212,3 +212,16 @@ def test_instruct_steps_make_a_separate_ladder_build():
     assert cache_key(cfg, dataclasses.replace(instruct, instruct_steps=0, family="base")) == (
         cache_key(cfg, base)
     )
+
+
+def test_the_default_ladder_is_one_family_spanning_a_decade_and_a_half():
+    """configs/tiny.yaml (issue 34): every member follows one shape rule, so k(N) has only N
+    to go on, and non-embedding N spans at least 10^1.5, growing with each member."""
+    cfg = load_config(ROOT / "configs" / "tiny.yaml")
+    models = cfg.ladder.models
+    for m in models:
+        shape = (m.layers, m.heads * 32, m.kv_heads, m.intermediate)
+        assert shape == (1, m.hidden, 1, 2 * m.hidden), m  # heads of 32, MLP 2x width
+    n = [non_embedding_params(m) for m in models]
+    assert n == sorted(n) and len(set(n)) == len(n)
+    assert math.log10(n[-1] / n[0]) >= 1.5, n
