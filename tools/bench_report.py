@@ -187,7 +187,8 @@ def main() -> None:
         rows.append(
             [
                 f"study outside the step loop ({study['study']}, {study['trials']} trials, {study['steps']} steps)",
-                f"{study['outside_loop_seconds']:.0f} s of {study['wall_seconds']:.0f} s wall",
+                f"{study['outside_loop_seconds']:.0f} s of {study['wall_seconds']:.0f} s wall"
+                f" (step loop {study['wall_seconds'] - study['outside_loop_seconds']:.0f} s)",
                 f"all overhead {study['overhead_seconds']:.0f} s ({pct(study['overhead_share'])}), in-loop {study['in_loop_overhead_seconds']:.0f} s",
                 pct(study["outside_loop_share"]),
                 "<10%: " + verdict(study["outside_loop_share"] < 0.10),
