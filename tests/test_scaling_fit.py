@@ -4,7 +4,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from rayrl.scaling.bootstrap import percentile_ci
+from rayrl.scaling import fit as fit_module
+from rayrl.scaling.bootstrap import JACK_GROUPS, jackknife_groups, percentile_ci, satterthwaite_dof
 from rayrl.scaling.document import fit_table
 from rayrl.scaling.fit import FitError, MainFit, fit_main_law, solve
 from rayrl.scaling.laws import k_of_N
@@ -85,6 +86,38 @@ def test_bootstrap_widens_for_few_runs_and_serialises(paper_table):
     assert np.all(k_lo <= fit.k(fit.sizes)) and np.all(fit.k(fit.sizes) <= k_hi)
     again = MainFit.from_dict(fit.to_dict())
     assert again.predict(72e9, 1e21) == fit.predict(72e9, 1e21)
+
+
+def test_jackknife_leaves_out_one_run_until_a_size_has_many_then_groups():
+    """Delete-one while a size has up to JACK_GROUPS runs (the dof the intervals rest on are
+    unchanged there); beyond, JACK_GROUPS groups that leave out every run once."""
+    size_of_run = np.repeat([0, 1, 2], [1, 3, 5 * JACK_GROUPS])
+    groups, size_of_group = jackknife_groups(size_of_run)
+    assert [len(g) for g in groups[:3]] == [1, 1, 1]  # size 0 (one run) has no spread to show
+    assert size_of_group.tolist() == [1] * 3 + [2] * JACK_GROUPS
+    big = np.concatenate(groups[3:])
+    assert sorted(big.tolist()) == np.flatnonzero(size_of_run == 2).tolist()
+    # Satterthwaite on the groups: each size counts len(groups) - 1 degrees of freedom.
+    rng = np.random.default_rng(0)
+    jack = rng.normal(size=(len(groups), 2))
+    nu = satterthwaite_dof(jack, size_of_group)
+    assert 0 < nu <= 2 + JACK_GROUPS - 1 + 1e-9
+
+
+def test_the_fits_refits_stop_growing_with_runs(monkeypatch):
+    """The live fitter refits on every row (issue 33): at 60 runs a size the bootstrap's
+    refits are n_boot plus JACK_GROUPS a size, not one per run."""
+    calls = []
+    real = fit_module._solve_counts
+    monkeypatch.setattr(
+        fit_module, "_solve_counts", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
+    df = make_metrics(k_max=0.135, N0=13.1e9, sigma=0.01, seeds=60, points=12, seed=3)
+    fit = fit_main_law(to_points(df, "compute"), n_boot=20)
+    sizes = len(fit.sizes)
+    assert fit.n_runs == 60 * sizes
+    assert len(calls) == 1 + 20 + JACK_GROUPS * sizes
+    assert fit.ci["dof"] > JACK_GROUPS and 1 <= fit.ci["widen"] < 1.1
 
 
 def test_run_bootstrap_covers_k_where_a_point_bootstrap_does_not():

@@ -13,6 +13,7 @@ from scipy.stats import norm
 from scipy.stats import t as student_t
 
 N_BOOT = 1000  # bootstrap draws over whole runs, by default (`rayrl fit`)
+JACK_GROUPS = 20  # a size's jackknife groups at most: t(19) is within 5% of the normal
 
 
 def run_counts(size_of_run: np.ndarray, n_boot: int, rng: np.random.Generator) -> np.ndarray:
@@ -38,8 +39,26 @@ def singleton_sizes(size_of_run: np.ndarray) -> np.ndarray:
     return sizes[n == 1]
 
 
+def jackknife_groups(size_of_run: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
+    """The runs each jackknife refit leaves out, and the size of each such group.
+
+    One run at a time where a size has up to JACK_GROUPS runs; beyond that its runs are cut
+    into JACK_GROUPS groups (delete-a-group), so the refits stop growing with the runs
+    (1,000 runs: 140 refits, not 1,000). Sizes of one run have no spread to show.
+    """
+    groups, size_of_group = [], []
+    for h in np.unique(size_of_run):
+        runs = np.flatnonzero(size_of_run == h)
+        if len(runs) > 1:
+            cut = np.array_split(runs, min(len(runs), JACK_GROUPS))
+            groups += cut
+            size_of_group += [h] * len(cut)
+    return groups, np.asarray(size_of_group, dtype=int)
+
+
 def satterthwaite_dof(jack: np.ndarray, size_of_run: np.ndarray) -> float:
-    """Effective degrees of freedom from a delete-one-run jackknife within sizes (rows of jack).
+    """Effective degrees of freedom from a delete-one-run (or delete-a-group) jackknife within
+    sizes (rows of jack, one per run or group left out; size_of_run labels the rows).
 
     Size h's runs estimate its share V_h of the variance with n_h - 1 degrees of freedom;
     nu = (sum V_h)^2 / sum(V_h^2 / (n_h - 1)) (Satterthwaite). Three runs per size, or one

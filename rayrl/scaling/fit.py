@@ -16,6 +16,7 @@ import pandas as pd
 from scipy.optimize import least_squares
 
 from rayrl.scaling.bootstrap import (
+    jackknife_groups,
     percentile_ci,
     run_counts,
     satterthwaite_dof,
@@ -350,13 +351,16 @@ def _bootstrap(
             f"bootstrap: sizes {singles.tolist()} have one run each; "
             "their run-to-run spread is unseen, so intervals are too narrow"
         )
-    # Delete-one-run jackknife over runs that share their size: how many degrees of freedom
-    # the run-to-run spread rests on.
-    jack = np.full((len(size_of_run), 2), np.nan)
-    for r in np.flatnonzero(np.bincount(size_of_run)[size_of_run] > 1):
-        s = refit(1.0 - np.eye(len(size_of_run))[r])
-        jack[r] = np.log10([s.k_max, s.N0])
-    nu = satterthwaite_dof(jack, size_of_run)
+    # Jackknife over runs that share their size: how many degrees of freedom the run-to-run
+    # spread rests on.
+    groups, size_of_group = jackknife_groups(size_of_run)
+    jack = np.full((len(groups), 2), np.nan)
+    for g, left_out in enumerate(groups):
+        keep = np.ones(len(size_of_run))
+        keep[left_out] = 0.0
+        s = refit(keep)
+        jack[g] = np.log10([s.k_max, s.N0])
+    nu = satterthwaite_dof(jack, size_of_group)
     widen = small_sample_factor(size_of_run, nu, level)
     draws = draws[~np.isnan(draws[:, 0])]
     # k_max and N0 are widened on the log scale: both are positive, so k(N) > 0 in every draw
