@@ -50,3 +50,20 @@ def stop_head(proc: subprocess.Popen, temp_dir: str) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
     shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+NODE_PORT_PARAMS = (
+    "node_manager_port",
+    "object_manager_port",
+    "dashboard_agent_listen_port",
+    "metrics_agent_port",
+    "runtime_env_agent_port",
+    "metrics_export_port",
+)
+
+
+def node_port_params(head: bool = False) -> dict[str, int]:
+    """node_ports as RayParams keywords (ray.cluster_utils.Cluster.add_node): every port of
+    the node its own, the head's GCS port too."""
+    names = NODE_PORT_PARAMS + (("gcs_server_port",) if head else ())
+    return dict(zip(names, free_ports(len(names))))
