@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import pickle
 
@@ -14,6 +15,7 @@ import pytest
 from rayrl import checkpoint
 from rayrl.metrics import MetricsLog, append_jsonl, read_metrics
 from rayrl.storage import OutOfSpace, is_out_of_space, writing
+from rayrl.study.tuner import StopOnFullDisk
 
 ROW = {
     "run_id": "r",
@@ -157,9 +159,30 @@ def test_a_trials_full_disk_stops_the_study_at_once(ray_session, tmp_path):
         tune_config=tune.TuneConfig(max_concurrent_trials=1),
         run_config=study.run_config(verbose=0),
     )
-    tuner.fit()
+    # What Tune's controller logs reaches the terminal: no traceback for the failure for
+    # space, which rayrl reports in one line.
+    logged: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = logged.append
+    controller = logging.getLogger(StopOnFullDisk.TUNE_LOGGERS[0])
+    controller.addHandler(handler)
+    try:
+        tuner.fit()
+    finally:
+        controller.removeHandler(handler)
     assert sorted(p.name for p in ran.iterdir()) == ["0-0"]  # no retry, no other trial
     assert str(study.full_disk.error).startswith(f"{tmp_path}/runs/r0: out of space")
+    assert not [r for r in logged if r.exc_info], [r.getMessage() for r in logged]
+    assert study.full_disk.filter not in controller.filters  # only while the study runs
+
+
+def test_only_failures_for_space_lose_tunes_traceback():
+    def record(exc: BaseException) -> logging.LogRecord:
+        return logging.LogRecord("t", logging.ERROR, "f", 1, "failed", (), (type(exc), exc, None))
+
+    assert not StopOnFullDisk.filter(record(OSError(errno.ENOSPC, "No space left on device")))
+    assert StopOnFullDisk.filter(record(ValueError("a bug")))
+    assert StopOnFullDisk.filter(logging.LogRecord("t", logging.INFO, "f", 1, "ok", (), None))
 
 
 def test_a_kill_during_a_fitter_log_write_loses_no_acknowledged_row(tmp_path):

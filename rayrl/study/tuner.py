@@ -160,9 +160,24 @@ class StopOnFullDisk(Callback, Stopper):
     run the others, each filling the same disk); `error` is what run_study raises. Both a
     callback (it sees the failure) and the stopper (Tune asks it whether to stop all)."""
 
+    # Tune logs each failure with its traceback; one for space is rayrl's to report, in one line.
+    TUNE_LOGGERS = ("ray.tune.execution.tune_controller", "ray.tune.execution.experiment_state")
+
     def __init__(self, study_dir: Path) -> None:
         self.study_dir = study_dir
         self.error: OutOfSpace | None = None
+
+    @staticmethod
+    def filter(record: logging.LogRecord) -> bool:
+        return not (record.exc_info and is_out_of_space(record.exc_info[1]))
+
+    def setup(self, **info: Any) -> None:
+        for name in self.TUNE_LOGGERS:
+            logging.getLogger(name).addFilter(self.filter)
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        for name in self.TUNE_LOGGERS:
+            logging.getLogger(name).removeFilter(self.filter)
 
     def _check(self, trial: Any) -> None:
         # The error's text as Tune wrote it on this machine (synced to storage only later).
