@@ -225,11 +225,12 @@ def checkpoint_state(run_dir: Path) -> dict[str, Any] | None:
 
 def storage_bytes(params: int, r: ResourcesConfig, keep: int) -> dict[str, int]:
     """Estimated bytes one run leaves on the study's volume: its `keep` checkpoints (the
-    module's weights, bf16 on GPU and fp32 on CPU, and the optimizer's state: Adam's two
-    moments, 8 bytes a parameter, and an fp32 master copy, 4 more, where ZeRO partitions or
-    the weights are bf16; a one-rank fp32 learner at stage 0 has none) and its final export."""
-    weights = 2 if r.device == "gpu" else 4
-    master = 4 if r.device == "gpu" or r.learner_zero_stage > 0 else 0
+    module's weights, bf16 under DeepSpeed's bf16 and fp32 otherwise, and the optimizer's
+    state: Adam's two moments, 8 bytes a parameter, and an fp32 master copy, 4 more, where
+    ZeRO partitions or the weights are bf16; a one-rank fp32 learner at stage 0 has none)
+    and its final export."""
+    weights = 2 if r.engine_bf16 else 4
+    master = 4 if r.engine_bf16 or r.learner_zero_stage > 0 else 0
     return {"checkpoints": keep * params * (weights + 8 + master), "export": params * weights}
 
 

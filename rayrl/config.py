@@ -230,6 +230,12 @@ class ResourcesConfig:
         )
 
     @property
+    def engine_bf16(self) -> bool:
+        """DeepSpeed's bf16 (GPU): bf16 weights with fp32 masters. A CPU learner keeps fp32
+        weights and autocasts its matmuls."""
+        return self.device == "gpu" and self.learner_bf16
+
+    @property
     def learner_zero_stage(self) -> int:
         """The ZeRO stage the learner's engine runs: zero_stage, except that stages 1 and 2
         over one rank shard nothing and cost a flat-buffer copy and a reduction each update

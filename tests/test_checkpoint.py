@@ -3,6 +3,7 @@ grpo.checkpoint_keep kept, a corrupt one named and passed over on resume; and th
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -247,6 +248,14 @@ def test_the_dry_runs_storage_estimate_counts_the_kept_checkpoints():
     assert t3 - t2 == pytest.approx(t2 - t1, rel=0.03)
     assert t2 - t1 == pytest.approx(t1 * 7 / 8, rel=0.03)
     assert t2 < 20 < 3 * 10 * one["checkpoints"] / 2**40  # keep 2 fits; 3 seeds x 10 do not
+    # The bytes follow the engine's dtype, not the device: an fp32 GPU learner saves fp32
+    # weights (4 + 8 + 4 bytes a parameter at ZeRO-3 against bf16's 2 + 8 + 4).
+    fp32 = dataclasses.replace(cfg.resources_for("qwen2.5-72b"), learner_dtype="float32")
+    assert fp32.device == "gpu" and not fp32.engine_bf16
+    full = checkpoint.storage_bytes(big, fp32, keep=1)
+    assert (
+        full["checkpoints"] * 14 == one["checkpoints"] * 16 and full["export"] == 2 * one["export"]
+    )
 
 
 def test_a_run_with_export_final_off_leaves_a_pointer_not_an_export(tmp_path, capsys):

@@ -39,16 +39,10 @@ def old_forward_mini_batches(grpo: GRPOConfig) -> range:
     return range(1, grpo.mini_batches)
 
 
-def engine_bf16(resources: ResourcesConfig) -> bool:
-    """DeepSpeed's bf16 (GPU): bf16 weights with fp32 masters. A CPU learner keeps fp32
-    weights and autocasts its matmuls."""
-    return resources.device == "gpu" and resources.learner_bf16
-
-
 def learner_clips(resources: ResourcesConfig) -> bool:
     """Does the learner clip the gradient itself? DeepSpeed's ZeRO and bf16 optimizers clip
     and report the global norm; at stage 0 in fp32 it would clip and report none."""
-    return resources.learner_zero_stage == 0 and not engine_bf16(resources)
+    return resources.learner_zero_stage == 0 and not resources.engine_bf16
 
 
 def deepspeed_config(
@@ -61,7 +55,7 @@ def deepspeed_config(
         "train_batch_size": grpo.micro_batch * gas * world_size,
         "gradient_clipping": 0.0 if learner_clips(resources) else grpo.grad_clip,
         "zero_optimization": {"stage": resources.learner_zero_stage},
-        "bf16": {"enabled": engine_bf16(resources)},
+        "bf16": {"enabled": resources.engine_bf16},
         "steps_per_print": 10**9,
     }
 
@@ -121,7 +115,7 @@ class Learner:
         self.engine = self.ref = self._hf_ds = None
         gc.collect()  # the last run's engine, before a second copy is built
         torch.manual_seed(grpo.seed + self.rank)
-        dtype = torch.bfloat16 if engine_bf16(self.resources) else torch.float32
+        dtype = torch.bfloat16 if self.resources.engine_bf16 else torch.float32
         self.gas = grad_accumulation_steps(grpo, rollout_n, self.world_size)
         ds_config = deepspeed_config(grpo, self.resources, self.gas, self.world_size)
         zero3 = self.resources.learner_zero_stage == 3
