@@ -23,13 +23,15 @@ def free_port() -> int:
     return free_ports(1)[0]
 
 
-NODE_PORT_FLAGS = (
-    "--node-manager-port",
-    "--object-manager-port",
-    "--dashboard-agent-listen-port",
-    "--dashboard-agent-grpc-port",
-    "--runtime-env-agent-port",
-    "--metrics-export-port",
+# Every port of a node but the head's own: its `ray start` flag and its RayParams keyword
+# (ray.cluster_utils.Cluster.add_node); the agent's gRPC port is metrics_agent_port there.
+NODE_PORTS = (
+    ("--node-manager-port", "node_manager_port"),
+    ("--object-manager-port", "object_manager_port"),
+    ("--dashboard-agent-listen-port", "dashboard_agent_listen_port"),
+    ("--dashboard-agent-grpc-port", "metrics_agent_port"),
+    ("--runtime-env-agent-port", "runtime_env_agent_port"),
+    ("--metrics-export-port", "metrics_export_port"),
 )
 
 
@@ -37,7 +39,7 @@ def node_ports(head: bool = False) -> list[str]:
     """`ray start` flags giving a node every port of its own: Ray's defaults (the agent's
     52365, the client server's 10001) are taken by any other Ray on this machine, such as
     the test session's or another test worker's, and a node whose agent cannot bind dies."""
-    flags = NODE_PORT_FLAGS + (("--ray-client-server-port",) if head else ())
+    flags = [flag for flag, _ in NODE_PORTS] + (["--ray-client-server-port"] if head else [])
     return [f"{flag}={port}" for flag, port in zip(flags, free_ports(len(flags)))]
 
 
@@ -52,18 +54,8 @@ def stop_head(proc: subprocess.Popen, temp_dir: str) -> None:
     shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-NODE_PORT_PARAMS = (
-    "node_manager_port",
-    "object_manager_port",
-    "dashboard_agent_listen_port",
-    "metrics_agent_port",
-    "runtime_env_agent_port",
-    "metrics_export_port",
-)
-
-
 def node_port_params(head: bool = False) -> dict[str, int]:
     """node_ports as RayParams keywords (ray.cluster_utils.Cluster.add_node): every port of
     the node its own, the head's GCS port too."""
-    names = NODE_PORT_PARAMS + (("gcs_server_port",) if head else ())
+    names = [name for _, name in NODE_PORTS] + (["gcs_server_port"] if head else [])
     return dict(zip(names, free_ports(len(names))))

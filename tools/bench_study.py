@@ -62,7 +62,6 @@ def main() -> None:
         "trials": len(list((study_dir / "runs").glob("*/steps.jsonl"))),
         "steps": len(steps),
         "wall_seconds": round(wall, 1),
-        "step_loop_seconds": round(in_loop, 1),  # issue 32's before/after figure
         "work_seconds": {k: round(v, 2) for k, v in work.items()},
         "overhead_seconds": round(wall - total_work, 1),
         "overhead_share": round((wall - total_work) / wall, 4),
